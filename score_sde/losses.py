@@ -1,0 +1,335 @@
+"""Denoising score matching losses, the optimizer and the train / eval step builders.
+
+Losses (Song et al. 2021, eq. 7; SMLD; DDPM), for data x_0 [batch, *data_shape] and
+x_t = alpha(t) x_0 + sigma(t) z, z ~ N(0, I):
+
+  * continuous, unweighted:  l(x_0) = R(|| sigma(t) s_theta(x_t, t) + z ||^2),   t ~ U(eps, T)
+  * continuous, likelihood weighting (Song et al. 2021b):
+                             l(x_0) = R(|| s_theta(x_t, t) + z / sigma(t) ||^2) g(t)^2
+  * SMLD (VE, discrete):     i ~ U{0..N-1}, sigma_i = flip(discrete_sigmas)[i],
+                             l = R(|| s_theta(x_0 + sigma_i z, i) + z / sigma_i ||^2) sigma_i^2
+  * DDPM (VP, discrete):     i ~ U{0..N-1},
+                             l = R(|| eps_theta(sqrt(abar_i) x_0 + sqrt(1 - abar_i) z, i) - z ||^2)
+
+R reduces over the data dimensions: the mean (reduce_mean) or half the sum (as in the reference);
+the loss is the mean of l over the (global) batch. Every loss function has the signature
+``loss_fn(key, params, batch) -> (loss, aux)`` with ``params`` the network's 'params' collection
+(or the whole variables dict) and ``aux = {'losses': [batch], 'noise': z, 't' | 'labels': [batch]}``
+(unused outputs are dropped by XLA under jit). The key is split into (t or labels, z, dropout).
+
+Training state and steps: :class:`TrainState` is a plain pytree (step, params, opt_state,
+ema_params, key) that orbax saves and ``jax.jit`` shards; :func:`get_train_step_fn` returns a pure
+``step(state, batch) -> (state, metrics)`` with no device-specific code; the caller jits it and
+shards the batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from score_sde import sde_lib
+from score_sde.models.utils import get_model_fn, get_score_fn
+from score_sde.sde_lib import batch_mul
+from score_sde.utils import data_shape
+
+Array = jax.Array
+LossFn = Callable[[Array, Any, Array], tuple[Array, dict]]
+
+__all__ = ["get_sde_loss_fn", "get_smld_loss_fn", "get_ddpm_loss_fn", "get_loss_fn", "TrainState",
+           "init_train_state", "get_lr_schedule", "get_optimizer", "get_train_step_fn",
+           "get_multi_step_fn", "get_eval_step_fn"]
+
+NAN_POLICIES = ("stop", "skip")
+
+
+def _reduce_op(reduce_mean: bool) -> Callable[[Array], Array]:
+  """Per-example reduction over the flattened data dimensions: mean, or 0.5 * sum."""
+  if reduce_mean:
+    return lambda x: jnp.mean(x.reshape(x.shape[0], -1), axis=-1)
+  return lambda x: 0.5 * jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
+
+
+# --- losses ------------------------------------------------------------------------------------
+def get_sde_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool, reduce_mean: bool = True,
+                    continuous: bool = True, likelihood_weighting: bool = False,
+                    eps: float = 1e-5) -> LossFn:
+  """Continuous-time DSM loss for any SDE.
+
+  t ~ U(eps, T), z ~ N(0, I), x_t = mean(x_0, t) + sigma(t) z, s = score_fn(x_t, t):
+  unweighted  l = R((s sigma + z)^2);  likelihood weighting  l = R((s + z / sigma)^2) g(t)^2;
+  loss = mean_batch(l). With ``continuous=False`` the score is read through the discrete label
+  convention of :func:`score_sde.models.utils.get_score_fn`.
+  """
+  if not 0.0 <= eps < sde.T:
+    raise ValueError(f"Training eps must be in [0, T={sde.T}), got {eps}.")
+  reduce_op = _reduce_op(reduce_mean)
+
+  def loss_fn(key: Array, params: Any, batch: Array):
+    t_key, z_key, dropout_key = jax.random.split(key, 3)
+    model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
+    score_fn = get_score_fn(sde, model_fn, continuous=continuous)
+    t = jax.random.uniform(t_key, (batch.shape[0],), minval=eps, maxval=sde.T)
+    z = jax.random.normal(z_key, batch.shape, batch.dtype)
+    mean, std = sde.marginal_prob(batch, t)
+    x_t = mean + batch_mul(std, z)
+    score = score_fn(x_t, t)
+    if not likelihood_weighting:
+      losses = reduce_op(jnp.square(batch_mul(std, score) + z))
+    else:
+      g2 = sde.sde(jnp.zeros_like(batch), t)[1] ** 2
+      losses = reduce_op(jnp.square(score + batch_mul(1.0 / std, z))) * g2
+    return jnp.mean(losses), {"losses": losses, "t": t, "noise": z}
+
+  return loss_fn
+
+
+def get_smld_loss_fn(vesde: sde_lib.VESDE, model: nn.Module, train: bool,
+                     reduce_mean: bool = False) -> LossFn:
+  """SMLD (NCSN) loss: i ~ U{0..N-1}, sigma_i = flip(discrete_sigmas)[i] (descending), the network
+  sees the integer label i, target -z / sigma_i, weight sigma_i^2:
+  l = R((s_theta(x_0 + sigma_i z, i) + z / sigma_i)^2) sigma_i^2.
+  """
+  if not isinstance(vesde, sde_lib.VESDE):
+    raise ValueError(f"SMLD training needs a VESDE, got {type(vesde).__name__}.")
+  smld_sigmas = np.asarray(vesde.discrete_sigmas[::-1], np.float32)
+  reduce_op = _reduce_op(reduce_mean)
+
+  def loss_fn(key: Array, params: Any, batch: Array):
+    label_key, z_key, dropout_key = jax.random.split(key, 3)
+    model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
+    labels = jax.random.randint(label_key, (batch.shape[0],), 0, vesde.N)
+    sigmas = jnp.asarray(smld_sigmas)[labels]
+    z = jax.random.normal(z_key, batch.shape, batch.dtype)
+    noise = batch_mul(sigmas, z)
+    score = model_fn(batch + noise, labels)
+    target = -batch_mul(1.0 / sigmas**2, noise)
+    losses = reduce_op(jnp.square(score - target)) * sigmas**2
+    return jnp.mean(losses), {"losses": losses, "labels": labels, "noise": z}
+
+  return loss_fn
+
+
+def get_ddpm_loss_fn(vpsde: sde_lib.VPSDE, model: nn.Module, train: bool,
+                     reduce_mean: bool = True) -> LossFn:
+  """DDPM loss: i ~ U{0..N-1}, x_i = sqrt(abar_i) x_0 + sqrt(1 - abar_i) z, the network sees the
+  integer label i and predicts z: l = R((eps_theta(x_i, i) - z)^2).
+  """
+  if not isinstance(vpsde, sde_lib.VPSDE):
+    raise ValueError(f"DDPM training needs a VPSDE, got {type(vpsde).__name__}.")
+  sqrt_ab = np.asarray(vpsde.sqrt_alphas_cumprod, np.float32)
+  sqrt_1m_ab = np.asarray(vpsde.sqrt_1m_alphas_cumprod, np.float32)
+  reduce_op = _reduce_op(reduce_mean)
+
+  def loss_fn(key: Array, params: Any, batch: Array):
+    label_key, z_key, dropout_key = jax.random.split(key, 3)
+    model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
+    labels = jax.random.randint(label_key, (batch.shape[0],), 0, vpsde.N)
+    z = jax.random.normal(z_key, batch.shape, batch.dtype)
+    x_i = batch_mul(jnp.asarray(sqrt_ab)[labels], batch) + batch_mul(
+        jnp.asarray(sqrt_1m_ab)[labels], z)
+    losses = reduce_op(jnp.square(model_fn(x_i, labels) - z))
+    return jnp.mean(losses), {"losses": losses, "labels": labels, "noise": z}
+
+  return loss_fn
+
+
+def get_loss_fn(config, sde: sde_lib.SDE, model: nn.Module, train: bool) -> LossFn:
+  """The loss ``config.training`` asks for; checks the batch shape against the config at trace time.
+
+  continuous -> :func:`get_sde_loss_fn` (reduce_mean, likelihood_weighting from the config);
+  discrete: VE -> SMLD, VP -> DDPM, sub-VP -> error (it has no discrete chain).
+  """
+  tc = config.training
+  if tc.continuous:
+    inner = get_sde_loss_fn(sde, model, train, reduce_mean=tc.reduce_mean, continuous=True,
+                            likelihood_weighting=tc.likelihood_weighting)
+  else:
+    if tc.likelihood_weighting:
+      raise ValueError("Likelihood weighting needs continuous training: set "
+                       "config.training.continuous=True or likelihood_weighting=False.")
+    if isinstance(sde, sde_lib.VESDE):
+      inner = get_smld_loss_fn(sde, model, train, reduce_mean=tc.reduce_mean)
+    elif isinstance(sde, sde_lib.VPSDE):
+      inner = get_ddpm_loss_fn(sde, model, train, reduce_mean=tc.reduce_mean)
+    else:
+      raise ValueError(f"Discrete training is defined for VE (SMLD) and VP (DDPM) only, not "
+                       f"{type(sde).__name__}: set config.training.continuous=True.")
+  expected = data_shape(config)
+
+  def loss_fn(key: Array, params: Any, batch: Array):
+    _check_batch(batch, expected)
+    return inner(key, params, batch)
+
+  return loss_fn
+
+
+def _check_batch(batch: Array, expected: tuple[int, ...], leading: int = 1) -> None:
+  shape = tuple(batch.shape)
+  if len(shape) != leading + len(expected) or shape[leading:] != expected:
+    lead = "[n_steps, batch, " if leading == 2 else "[batch, "
+    raise ValueError(f"Batch of shape {shape} does not match the config's data shape "
+                     f"{expected}: expected {lead}{', '.join(map(str, expected))}].")
+  if not jnp.issubdtype(batch.dtype, jnp.floating):
+    raise ValueError(f"Batch must be floating point (scaled data), got dtype {batch.dtype}.")
+
+
+# --- optimizer ---------------------------------------------------------------------------------
+def get_lr_schedule(config) -> optax.Schedule:
+  """lr(step) = lr min(step / warmup, 1) (linear warm-up from 0, as in the reference); lr if
+  warmup <= 0. ``step`` counts updates already applied, so the first update uses lr(0)."""
+  lr, warmup = float(config.optim.lr), int(config.optim.warmup)
+  if warmup > 0:
+    return optax.linear_schedule(0.0, lr, transition_steps=warmup)
+  return optax.constant_schedule(lr)
+
+
+def _decay_mask(params: Any) -> Any:
+  """True for every leaf except the frozen W of Gaussian Fourier projections."""
+  def keep(path, _):
+    names = [getattr(p, "key", getattr(p, "name", "")) for p in path]
+    names = [str(n) for n in names]
+    return not (names and names[-1] == "W" and any(
+        n.startswith("GaussianFourierProjection") for n in names[:-1]))
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def get_optimizer(config) -> optax.GradientTransformation:
+  """Adam(b1=beta1, b2=0.999, eps) with the warm-up of :func:`get_lr_schedule`, after global-norm
+  clipping at grad_clip (none if grad_clip < 0); decoupled weight decay (AdamW, lr-scaled, as
+  flax.optim.Adam's weight_decay in the reference) when weight_decay > 0, not applied to the frozen
+  Fourier-feature W."""
+  o = config.optim
+  if str(o.optimizer).lower() != "adam":
+    raise ValueError(f"Unknown optimizer {o.optimizer!r} in config.optim.optimizer; "
+                     "supported: 'Adam'.")
+  if float(o.grad_clip) == 0:
+    raise ValueError("config.optim.grad_clip=0 would zero every update; use a positive value, or "
+                     "a negative one to disable clipping.")
+  if float(o.weight_decay) < 0:
+    raise ValueError(f"config.optim.weight_decay must be >= 0, got {o.weight_decay}.")
+  schedule = get_lr_schedule(config)
+  parts = []
+  if float(o.grad_clip) > 0:
+    parts.append(optax.clip_by_global_norm(float(o.grad_clip)))
+  if float(o.weight_decay) > 0:
+    parts.append(optax.adamw(schedule, b1=float(o.beta1), eps=float(o.eps),
+                             weight_decay=float(o.weight_decay), mask=_decay_mask))
+  else:
+    parts.append(optax.adam(schedule, b1=float(o.beta1), eps=float(o.eps)))
+  return optax.chain(*parts)
+
+
+# --- train state and steps ---------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+  """Everything training carries: a plain pytree.
+
+  step: int32 scalar, number of updates applied; params / ema_params: the network's 'params'
+  collection and its EMA; opt_state: the optax state; key: raw uint32 PRNG key data [2].
+  """
+  step: Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  key: Array
+
+
+def _params_of(variables: Any) -> Any:
+  if isinstance(variables, (dict, flax.core.FrozenDict)) and "params" in variables:
+    others = [k for k in variables if k != "params" and jax.tree.leaves(variables[k])]
+    if others:
+      raise ValueError(f"Networks with mutable collections {others} are not supported: the train "
+                       "state holds the 'params' collection only.")
+    return variables["params"]
+  return variables
+
+
+def init_train_state(config, model: nn.Module, variables: Any, key: Array) -> TrainState:
+  """Fresh state: step 0, params = variables['params'], EMA = params, optimizer state of
+  :func:`get_optimizer`. ``model`` is accepted for symmetry with the step builders (unused)."""
+  del model
+  params = _params_of(variables)
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=get_optimizer(config).init(params),
+                    ema_params=jax.tree.map(jnp.array, params), key=jnp.asarray(key))
+
+
+def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module):
+  """``step(state, batch [batch, *data_shape]) -> (state, metrics)``: one optimizer update.
+
+  key, loss_key = split(state.key); (loss, grads) = value_and_grad(loss_fn)(loss_key, params, batch);
+  params <- optax update; ema <- rate ema + (1 - rate) params (rate = config.model.ema_rate);
+  step <- step + 1. metrics = {'loss', 'grad_norm' (global norm before clipping), 'lr' (the
+  learning rate this update used)}. The loss is the mean over the whole (global) batch, so the
+  caller may shard the batch however it likes. With config.training.nan_policy == 'skip' an update
+  whose loss or gradient is not finite leaves params, EMA and optimizer state unchanged (step and
+  key still advance); with 'stop' (default) it is applied and the caller stops on the metrics.
+  """
+  loss_fn = get_loss_fn(config, sde, model, train=True)
+  tx = get_optimizer(config)
+  schedule = get_lr_schedule(config)
+  rate = float(config.model.ema_rate)
+  if not 0.0 <= rate <= 1.0:
+    raise ValueError(f"config.model.ema_rate must be in [0, 1], got {rate}.")
+  nan_policy = str(config.training.get("nan_policy", "stop")).lower()
+  if nan_policy not in NAN_POLICIES:
+    raise ValueError(f"Unknown config.training.nan_policy {nan_policy!r}; choose one of "
+                     f"{NAN_POLICIES}.")
+  grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+
+  def step_fn(state: TrainState, batch: Array) -> tuple[TrainState, dict]:
+    key, loss_key = jax.random.split(state.key)
+    (loss, _), grads = grad_fn(loss_key, state.params, batch)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = optax.incremental_update(params, state.ema_params, 1.0 - rate)
+    if nan_policy == "skip":
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+      params, opt_state, ema_params = keep((params, opt_state, ema_params),
+                                           (state.params, state.opt_state, state.ema_params))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema_params, key=key)
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "lr": jnp.asarray(schedule(state.step), jnp.float32)}
+    return new_state, metrics
+
+  return step_fn
+
+
+def get_multi_step_fn(step_fn, n: int):
+  """``multi_step(state, batches [n, batch, ...]) -> (state, metrics)``: n updates in one lax.scan.
+
+  Metrics are stacked, each ``[n]`` (one entry per update; average them for logging if wanted).
+  """
+  n = int(n)
+  if n < 1:
+    raise ValueError(f"Number of jitted steps must be >= 1, got {n}.")
+
+  def multi_step_fn(state: TrainState, batches: Array):
+    leading = {x.shape[0] for x in jax.tree.leaves(batches)}
+    if leading != {n}:
+      raise ValueError(f"Batches must be stacked as [n_steps={n}, batch, ...]; got leading sizes "
+                       f"{sorted(leading)} (config.training.n_jitted_steps vs the data pipeline).")
+    return jax.lax.scan(step_fn, state, batches)
+
+  return multi_step_fn
+
+
+def get_eval_step_fn(config, sde: sde_lib.SDE, model: nn.Module):
+  """``eval_step(state, batch, key) -> loss``: the training loss of the EMA params (no dropout)."""
+  loss_fn = get_loss_fn(config, sde, model, train=False)
+
+  def eval_step(state: TrainState, batch: Array, key: Array) -> Array:
+    return loss_fn(key, state.ema_params, batch)[0]
+
+  return eval_step

@@ -1,0 +1,72 @@
+"""Samplers. Each is built as ``get_sampler(name, sde, shape, **options)`` and returns
+``sampler(key, score_fn) -> (samples [*shape], nfe)``, one jitted program.
+
+Sampler families register a builder ``builder(sde, shape, **options)`` under a name with
+:func:`register_sampler`; the PC, ODE and fast samplers all share this convention.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+_SAMPLERS: dict[str, Callable] = {}
+_SAMPLER_MODULES = ("score_sde.sampling.pc", "score_sde.sampling.ode", "score_sde.sampling.fast")
+
+
+def register_sampler(name: str):
+  def _register(builder):
+    if name in _SAMPLERS and _SAMPLERS[name] is not builder:
+      raise ValueError(f"A sampler named {name!r} is already registered.")
+    _SAMPLERS[name] = builder
+    return builder
+  return _register
+
+
+def _import_sampler_modules() -> None:
+  for mod in _SAMPLER_MODULES:
+    try:
+      importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+      if e.name != mod:
+        raise
+
+
+def available_samplers() -> list[str]:
+  _import_sampler_modules()
+  return sorted(_SAMPLERS)
+
+
+def get_sampler(name: str, sde, shape, **options):
+  """Builds the sampler ``name`` (see :func:`available_samplers`) for ``sde`` and ``shape``."""
+  _import_sampler_modules()
+  if name not in _SAMPLERS:
+    raise ValueError(f"Unknown sampler {name!r}; choose one of {sorted(_SAMPLERS)}.")
+  return _SAMPLERS[name](sde, shape, **options)
+
+
+def sampler_options_from_config(config, sde) -> tuple[str, dict]:
+  """The sampler name and keyword options ``config.sampling`` selects.
+
+  'pc' reads predictor / corrector / snr / n_steps_each / probability_flow / noise_removal; 'ode'
+  reads rtol / atol / ode_method / noise_removal; every other (fast) sampler reads ``nfe``. Extra
+  options for any sampler go in ``config.sampling.options``.
+  """
+  s = config.sampling
+  name = s.method
+  eps = sde.sampling_eps
+  if name == "pc":
+    options = dict(predictor=s.predictor, corrector=s.corrector, snr=s.snr,
+                   n_steps=s.n_steps_each, probability_flow=s.probability_flow,
+                   denoise=s.noise_removal, eps=eps)
+  elif name == "ode":
+    options = dict(rtol=s.rtol, atol=s.atol, method=s.ode_method, denoise=s.noise_removal, eps=eps)
+  else:
+    options = dict(nfe=s.nfe)
+  options.update(dict(s.get("options", {}) or {}))
+  return name, options
+
+
+def get_sampler_from_config(config, sde, shape):
+  """``sampler(key, score_fn) -> (samples, nfe)`` as configured by ``config.sampling``."""
+  name, options = sampler_options_from_config(config, sde)
+  return get_sampler(name, sde, shape, **options)

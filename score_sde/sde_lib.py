@@ -1,0 +1,310 @@
+"""Forward SDEs of score-based generative modeling (Song et al., ICLR 2021).
+
+Every SDE here is linear in ``x`` and has a Gaussian perturbation kernel
+
+    p_{0t}(x_t | x_0) = N(x_t; alpha(t) x_0, sigma(t)^2 I),
+
+so one method, :meth:`SDE.marginal_coef`, returns ``(alpha(t), sigma(t))`` and everything
+else that depends on the kernel (``marginal_prob``, ``log_snr``, its inverse, the fast samplers
+and the analytic Gaussian-mixture score) is derived from it. Each SDE owns its own coefficients;
+samplers and losses only call these methods.
+
+Shapes: ``x`` is ``[batch, *data_shape]`` and ``t`` is ``[batch]``. Per-example quantities
+(diffusion, alpha, sigma, prior log-density) are ``[batch]``.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]
+
+__all__ = ["SDE", "VPSDE", "subVPSDE", "VESDE", "batch_mul", "get_sde", "SDES"]
+
+
+def batch_mul(a: Array, x: Array) -> Array:
+  """Multiplies per-example scalars ``a [batch]`` into ``x [batch, ...]``."""
+  a = jnp.asarray(a)
+  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) * x
+
+
+def _sum_except_batch(x: Array) -> Array:
+  return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
+
+
+class SDE(abc.ABC):
+  """dx = f(x, t) dt + g(t) dw on t in [0, T], with a Gaussian perturbation kernel.
+
+  Attributes:
+    N: number of discretization steps (sampling and discrete training).
+    T: end time.
+    sampling_eps: the smallest time samplers integrate down to by default.
+  """
+
+  T: float = 1.0
+  sampling_eps: float = 1e-3
+
+  def __init__(self, N: int):
+    if int(N) < 1:
+      raise ValueError(f"SDE needs N >= 1 discretization steps, got N={N}.")
+    self.N = int(N)
+
+  # --- the equations each SDE defines -----------------------------------------------------
+  @abc.abstractmethod
+  def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+    """Returns ``(f(x, t) [batch, ...], g(t) [batch])``."""
+
+  @abc.abstractmethod
+  def marginal_coef(self, t: Array) -> tuple[Array, Array]:
+    """Returns ``(alpha(t), sigma(t))`` with x_t = alpha(t) x_0 + sigma(t) z, each of t's shape."""
+
+  @abc.abstractmethod
+  def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
+    """Draws ``x_T`` from the prior p_T of the given full shape ``[batch, ...]``."""
+
+  @abc.abstractmethod
+  def prior_logp(self, z: Array) -> Array:
+    """log p_T(z) per example, ``[batch]``."""
+
+  @abc.abstractmethod
+  def t_from_log_snr(self, log_snr: Array) -> Array:
+    """Inverse of :meth:`log_snr`."""
+
+  # --- derived quantities ---------------------------------------------------------------------
+  def marginal_prob(self, x: Array, t: Array) -> tuple[Array, Array]:
+    """Mean ``alpha(t) x [batch, ...]`` and std ``sigma(t) [batch]`` of p_{0t}(x_t | x_0 = x)."""
+    alpha, sigma = self.marginal_coef(t)
+    return batch_mul(alpha, x), sigma
+
+  def log_snr(self, t: Array) -> Array:
+    """lambda(t) = log(alpha(t)^2 / sigma(t)^2), decreasing in t."""
+    alpha, sigma = self.marginal_coef(t)
+    return 2.0 * (jnp.log(alpha) - jnp.log(sigma))
+
+  def snr(self, t: Array) -> Array:
+    """alpha(t)^2 / sigma(t)^2."""
+    return jnp.exp(self.log_snr(t))
+
+  def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+    """One step x_{i+1} = x_i + f_i + G_i z_i of the forward process (Euler-Maruyama here).
+
+    f_i = f(x, t) dt, G_i = g(t) sqrt(dt), dt = T / N. VP and VE override this with the DDPM and
+    SMLD chains. Returns ``(f [batch, ...], G [batch])``.
+    """
+    dt = self.T / self.N
+    drift, diffusion = self.sde(x, t)
+    return drift * dt, diffusion * jnp.sqrt(dt)
+
+  def discrete_index(self, t: Array) -> Array:
+    """Step index i = floor(t (N - 1) / T) of the discrete chain, ``[batch]`` int32.
+
+    A margin of 1e-4 steps keeps float32 round-off from sending t = i (N - 1)^-1 T to step i - 1;
+    the reference's PC time grid linspace(T, eps, N) maps to the same indices as in score_sde.
+    """
+    return jnp.floor(t * (self.N - 1) / self.T + 1e-4).astype(jnp.int32)
+
+  def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
+    """The reverse-time SDE, or the probability-flow ODE when ``probability_flow``.
+
+    dx = [f(x, t) - c g(t)^2 score(x, t)] dt + g_rev(t) dw_bar, with c = 1/2 and g_rev = 0 for the
+    probability-flow ODE and c = 1, g_rev = g otherwise.
+    """
+    return ReverseSDE(self, score_fn, probability_flow)
+
+
+class ReverseSDE:
+  """Reverse-time SDE / probability-flow ODE of a forward :class:`SDE` for a given score."""
+
+  def __init__(self, forward: SDE, score_fn: ScoreFn, probability_flow: bool):
+    self.forward = forward
+    self.score_fn = score_fn
+    self.probability_flow = bool(probability_flow)
+    self.N = forward.N
+    self.T = forward.T
+
+  @property
+  def _c(self) -> float:
+    return 0.5 if self.probability_flow else 1.0
+
+  def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+    """Returns ``(drift [batch, ...], diffusion [batch])`` of the reverse process (time runs T->0)."""
+    drift, diffusion = self.forward.sde(x, t)
+    score = self.score_fn(x, t)
+    drift = drift - batch_mul(diffusion**2, score) * self._c
+    diffusion = jnp.zeros_like(diffusion) if self.probability_flow else diffusion
+    return drift, diffusion
+
+  def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+    """Reverse of :meth:`SDE.discretize`: rev_f = f - c G^2 score, rev_G = G (0 for the ODE)."""
+    f, G = self.forward.discretize(x, t)
+    score = self.score_fn(x, t)
+    rev_f = f - batch_mul(G**2, score) * self._c
+    rev_G = jnp.zeros_like(G) if self.probability_flow else G
+    return rev_f, rev_G
+
+
+def _standard_normal_logp(z: Array, scale: float = 1.0) -> Array:
+  d = np.prod(z.shape[1:])
+  return -0.5 * d * np.log(2 * np.pi * scale**2) - _sum_except_batch(z**2) / (2 * scale**2)
+
+
+class VPSDE(SDE):
+  """Variance-preserving SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw.
+
+  beta(t) = beta_min + t (beta_max - beta_min). Its N-step discretization is the DDPM chain with
+  betas linspace(beta_min / N, beta_max / N, N).
+  """
+
+  def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+    super().__init__(N)
+    if not 0 <= beta_min < beta_max:
+      raise ValueError(f"VPSDE needs 0 <= beta_min < beta_max, got {beta_min}, {beta_max}.")
+    self.beta_0 = float(beta_min)
+    self.beta_1 = float(beta_max)
+    self.discrete_betas = np.linspace(beta_min / N, beta_max / N, N)
+    self.alphas = 1.0 - self.discrete_betas
+    self.alphas_cumprod = np.cumprod(self.alphas)
+    self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+    self.sqrt_1m_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+
+  def beta(self, t: Array) -> Array:
+    return self.beta_0 + t * (self.beta_1 - self.beta_0)
+
+  def _log_mean_coeff(self, t: Array) -> Array:
+    return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+  def sde(self, x, t):
+    beta_t = self.beta(t)
+    return -0.5 * batch_mul(beta_t, x), jnp.sqrt(beta_t)
+
+  def marginal_coef(self, t):
+    log_alpha = self._log_mean_coeff(t)
+    return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape)
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z)
+
+  def _t_from_log_alpha(self, log_alpha: Array) -> Array:
+    # Solves 1/4 (b1 - b0) t^2 + 1/2 b0 t + log_alpha = 0 for t >= 0.
+    b0, db = self.beta_0, self.beta_1 - self.beta_0
+    return 2.0 * (-log_alpha) / (0.5 * b0 + jnp.sqrt(0.25 * b0**2 - db * log_alpha))
+
+  def t_from_log_snr(self, log_snr):
+    # alpha^2 = sigmoid(lambda)  =>  log alpha = -1/2 softplus(-lambda).
+    return self._t_from_log_alpha(-0.5 * jax.nn.softplus(-log_snr))
+
+  def discretize(self, x, t):
+    """DDPM: x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z, i = round-down(t (N-1) / T)."""
+    timestep = self.discrete_index(t)
+    beta = jnp.asarray(self.discrete_betas, x.dtype)[timestep]
+    alpha = jnp.asarray(self.alphas, x.dtype)[timestep]
+    f = batch_mul(jnp.sqrt(alpha), x) - x
+    return f, jnp.sqrt(beta)
+
+
+class subVPSDE(SDE):
+  """sub-VP SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw.
+
+  Same drift and mean as VP; its std is 1 - alpha(t)^2, always below the VP std.
+  """
+
+  def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+    super().__init__(N)
+    if not 0 <= beta_min < beta_max:
+      raise ValueError(f"subVPSDE needs 0 <= beta_min < beta_max, got {beta_min}, {beta_max}.")
+    self.beta_0 = float(beta_min)
+    self.beta_1 = float(beta_max)
+
+  beta = VPSDE.beta
+  _log_mean_coeff = VPSDE._log_mean_coeff
+  _t_from_log_alpha = VPSDE._t_from_log_alpha
+
+  def sde(self, x, t):
+    beta_t = self.beta(t)
+    discount = -jnp.expm1(-2 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t**2)
+    return -0.5 * batch_mul(beta_t, x), jnp.sqrt(beta_t * discount)
+
+  def marginal_coef(self, t):
+    log_alpha = self._log_mean_coeff(t)
+    return jnp.exp(log_alpha), -jnp.expm1(2.0 * log_alpha)
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape)
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z)
+
+  def t_from_log_snr(self, log_snr):
+    # alpha / (1 - alpha^2) = r = exp(lambda / 2)  =>  alpha = 2 r / (1 + sqrt(1 + 4 r^2)).
+    r = jnp.exp(0.5 * log_snr)
+    alpha = 2.0 * r / (1.0 + jnp.sqrt(1.0 + 4.0 * r**2))
+    return self._t_from_log_alpha(jnp.log(alpha))
+
+
+class VESDE(SDE):
+  """Variance-exploding SDE: dx = sigma(t) sqrt(2 log(sigma_max / sigma_min)) dw.
+
+  sigma(t) = sigma_min (sigma_max / sigma_min)^t; the N-step discretization is the SMLD chain
+  over geometric noise levels; the prior is N(0, sigma_max^2 I).
+  """
+
+  sampling_eps = 1e-5
+
+  def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
+    super().__init__(N)
+    if not 0 < sigma_min < sigma_max:
+      raise ValueError(f"VESDE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
+    self.sigma_min = float(sigma_min)
+    self.sigma_max = float(sigma_max)
+    self.discrete_sigmas = np.exp(np.linspace(np.log(sigma_min), np.log(sigma_max), N))
+
+  def sigma(self, t: Array) -> Array:
+    return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+  def sde(self, x, t):
+    diffusion = self.sigma(t) * np.sqrt(2 * (np.log(self.sigma_max) - np.log(self.sigma_min)))
+    return jnp.zeros_like(x), diffusion
+
+  def marginal_coef(self, t):
+    return jnp.ones_like(t), self.sigma(t)
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape) * self.sigma_max
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z, self.sigma_max)
+
+  def t_from_log_snr(self, log_snr):
+    log_sigma = -0.5 * log_snr
+    return (log_sigma - np.log(self.sigma_min)) / (np.log(self.sigma_max) - np.log(self.sigma_min))
+
+  def discretize(self, x, t):
+    """SMLD: x_{i+1} = x_i + sqrt(sigma_{i+1}^2 - sigma_i^2) z (sigma_{-1} = 0)."""
+    timestep = self.discrete_index(t)
+    sigmas = jnp.asarray(self.discrete_sigmas, x.dtype)
+    sigma = sigmas[timestep]
+    adjacent = jnp.where(timestep == 0, jnp.zeros_like(t), sigmas[jnp.maximum(timestep - 1, 0)])
+    return jnp.zeros_like(x), jnp.sqrt(sigma**2 - adjacent**2)
+
+
+SDES: dict[str, type[SDE]] = {"vpsde": VPSDE, "subvpsde": subVPSDE, "vesde": VESDE}
+
+
+def get_sde(config) -> SDE:
+  """Builds the SDE named by ``config.training.sde`` from ``config.model`` fields."""
+  name = str(config.training.sde).lower()
+  if name not in SDES:
+    raise ValueError(
+        f"Unknown SDE {config.training.sde!r} in config.training.sde; choose one of {sorted(SDES)}.")
+  m = config.model
+  if name == "vesde":
+    return VESDE(sigma_min=m.sigma_min, sigma_max=m.sigma_max, N=m.num_scales)
+  return SDES[name](beta_min=m.beta_min, beta_max=m.beta_max, N=m.num_scales)

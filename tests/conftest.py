@@ -1,0 +1,53 @@
+"""Test session set-up: 8 forced host CPU devices, so sharded code paths run everywhere.
+
+Set before JAX is imported; subprocesses started by tests inherit it. Tests that want a single
+device build their own one-device mesh.
+"""
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture
+def mnist_dir():
+  """The real MNIST idx files beside the checkout; tests using it skip where it is absent."""
+  if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+    pytest.skip(f"real MNIST not found at {MNIST_DIR}")
+  return str(MNIST_DIR)
+
+
+def tiny_toy_config(sde: str = "vpsde", **overrides):
+  """A toy config small enough for a test: a few hundred steps in seconds."""
+  import importlib
+  cfg = importlib.import_module("configs.default_toy_configs").get_default_configs()
+  cfg.training.sde = sde
+  cfg.training.batch_size = 64
+  cfg.training.n_iters = 40
+  cfg.training.n_jitted_steps = 10
+  cfg.training.log_freq = 10
+  cfg.training.snapshot_freq = 20
+  cfg.training.snapshot_freq_for_preemption = 10
+  cfg.model.nf = 32
+  cfg.model.num_layers = 2
+  cfg.sampling.num_samples = 64
+  cfg.sampling.batch_size = 64
+  cfg.eval.num_bpd_samples = 64
+  cfg.eval.batch_size = 64
+  cfg.eval.num_samples = 64
+  for key, value in overrides.items():
+    node = cfg
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return cfg
