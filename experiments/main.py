@@ -1,0 +1,57 @@
+"""score-sde command line: train, evaluate and sample from ml-collections configs.
+
+  python experiments/main.py --config configs/toy/vp.py --workdir runs/toy_vp
+  python experiments/main.py --config configs/mnist/vp_continuous.py --workdir runs/mnist \
+      --config.data.data_dir=/path/to/mnist --config.training.n_iters=2000 --mode train
+
+--mode: train | eval | sample | all (train, then eval, then sample; the default).
+Any config field can be overridden with --config.<group>.<field>=value; an unknown field is an
+error. Runs resume from the newest checkpoint in --workdir.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (ml-collections).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and results.")
+flags.DEFINE_enum("mode", "all", ["train", "eval", "sample", "all"], "What to run.")
+flags.DEFINE_integer("checkpoint", None, "Step of the checkpoint to sample from (default: newest).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for multi-process runs (see score_sde/distributed.py).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  import jax
+  from score_sde import distributed, evaluate, train
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.set_verbosity(logging.INFO)
+  logging.set_stderrthreshold(logging.INFO)
+  # Orbax logs every checkpoint operation at INFO; keep its warnings (python level 30) only.
+  logging.get_absl_logger().addFilter(
+      lambda r: r.levelno >= 30 or "/orbax/" not in r.pathname)
+  config = FLAGS.config
+  logging.info("JAX %s: %d process(es), %d device(s) (%s).", jax.__version__,
+               jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  with open(os.path.join(FLAGS.workdir, f"config_{FLAGS.mode}.txt"), "w") as f:
+    f.write(str(config))
+  if FLAGS.mode in ("train", "all"):
+    train.train(config, FLAGS.workdir)
+  if FLAGS.mode in ("eval", "all"):
+    evaluate.run_eval(config, FLAGS.workdir)
+  if FLAGS.mode in ("sample", "all"):
+    evaluate.run_sample(config, FLAGS.workdir, FLAGS.checkpoint)
+
+
+if __name__ == "__main__":
+  app.run(main)

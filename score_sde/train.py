@@ -1,0 +1,254 @@
+"""The training loop: data-parallel jitted steps, EMA, checkpoints, logging, snapshot sampling.
+
+Data parallelism uses one global ``Mesh`` over every device of every process with a single axis
+'data': the train state is replicated, each batch is sharded along its batch axis, and the
+gradient all-reduce comes from XLA (the loss is a mean over the global batch). Batch ``i`` of the
+data stream is a pure function of (seed, i), and the PRNG key lives in the train state, so a run
+restarted from a checkpoint continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from score_sde import datasets, losses, sde_lib
+from score_sde import sampling as sampling_lib
+from score_sde.checkpointing import Checkpoints
+from score_sde.config_validation import validate_config
+from score_sde.models import create_model, get_model_fn, get_score_fn
+from score_sde.utils import data_shape
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh named 'data' over all devices of all processes."""
+  return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+class Trainer:
+  """Builds everything a run needs from a config; :meth:`train` runs the loop.
+
+  Attributes of interest to notebooks and tests: ``sde``, ``model``, ``state`` (the replicated
+  :class:`score_sde.losses.TrainState`), ``mesh``, ``score_fn(params)``.
+  """
+
+  def __init__(self, config, workdir: Optional[str] = None, mesh: Optional[Mesh] = None):
+    validate_config(config)
+    self.config = config
+    self.workdir = workdir
+    self.mesh = mesh or make_mesh()
+    self.replicated = NamedSharding(self.mesh, P())
+    self.sde = sde_lib.get_sde(config)
+    self.shape = data_shape(config)
+    key = jax.random.PRNGKey(config.seed)
+    init_key, state_key = jax.random.split(key)
+    self.model, variables = create_model(config, init_key)
+    state = losses.init_train_state(config, self.model, variables, state_key)
+    self.state = jax.device_put(state, self.replicated)
+    self.scaler = datasets.get_data_scaler(config)
+    self.inverse_scaler = datasets.get_data_inverse_scaler(config)
+    n = int(config.training.n_jitted_steps)
+    step_fn = _flag_nonfinite(losses.get_train_step_fn(config, self.sde, self.model))
+    self._multi_step = jax.jit(
+        losses.get_multi_step_fn(step_fn, n),
+        in_shardings=(self.replicated, NamedSharding(self.mesh, P(None, "data"))),
+        out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    self._eval_step = jax.jit(losses.get_eval_step_fn(config, self.sde, self.model))
+    self.checkpoints = None
+    if workdir:
+      _check_writable(workdir)
+      self.checkpoints = Checkpoints(workdir, config.training.max_to_keep)
+
+  # --- pieces usable on their own ---------------------------------------------------------------
+  def score_fn(self, params: Any):
+    """``score_fn(x, t)`` of the network with ``params`` (e.g. ``state.ema_params``)."""
+    return get_score_fn(self.sde, get_model_fn(self.model, params, train=False),
+                        continuous=self.config.training.continuous)
+
+  def restore(self) -> int:
+    """Restores the newest checkpoint in the workdir, if any; returns the step reached."""
+    if self.checkpoints is not None:
+      step, state = self.checkpoints.restore_latest(self.state)
+      if step is not None:
+        self.state = state
+        logging.info("Restored checkpoint at step %d from %s.", step, self.workdir)
+    return int(jax.device_get(self.state.step))
+
+  def global_batch(self, local_batches: list[dict]) -> jax.Array:
+    """Stacks n process-local batches into one ``[n, global_batch, ...]`` array sharded on axis 1."""
+    local = np.stack([self.scaler(b["image"]) for b in local_batches]).astype(np.float32)
+    sharding = NamedSharding(self.mesh, P(None, "data"))
+    global_shape = (local.shape[0], local.shape[1] * jax.process_count()) + local.shape[2:]
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+  def train_steps(self, local_batches: list[dict]) -> dict:
+    """Runs ``n_jitted_steps`` updates (one compiled call); returns the metrics (on device)."""
+    self.state, metrics = self._multi_step(self.state, self.global_batch(local_batches))
+    return metrics
+
+  def sample(self, key: jax.Array, num_samples: int, params: Any = None):
+    """Samples with the configured sampler and the EMA params; returns (samples in data space, nfe)."""
+    params = self.state.ema_params if params is None else params
+    batch = min(int(self.config.sampling.batch_size), num_samples)
+    sampler = sampling_lib.get_sampler_from_config(self.config, self.sde, (batch,) + self.shape)
+    fn = jax.jit(lambda p, k: sampler(k, self.score_fn(p)))
+    out, nfe = [], 0
+    for i in range(math.ceil(num_samples / batch)):
+      x, nfe = fn(params, jax.random.fold_in(key, i))
+      out.append(np.asarray(self.inverse_scaler(x)))
+    return np.concatenate(out)[:num_samples], int(nfe)
+
+  # --- the loop ------------------------------------------------------------------------------
+  def train(self) -> dict:
+    """Trains to ``config.training.n_iters``, resuming from the workdir; returns the last metrics.
+
+    SIGTERM / SIGINT stop the loop after the step in flight and write a checkpoint first.
+    Non-finite losses or gradients stop the run naming the step (``nan_policy='stop'``, before any
+    checkpoint is written) or skip those updates (``'skip'``, counted in the logs).
+    """
+    cfg = self.config.training
+    n = int(cfg.n_jitted_steps)
+    step = self.restore()
+    if step >= cfg.n_iters:
+      logging.info("Already trained to step %d >= n_iters=%d.", step, cfg.n_iters)
+      return {}
+    ds = datasets.get_dataset(self.config, "train", start_step=step)
+    writer = _summary_writer(self.workdir)
+    sample_key = jax.random.PRNGKey(self.config.seed + 1)
+    t0, step0, last, skipped = time.time(), step, {}, 0
+    with _StopSignals() as stop:
+      while step < cfg.n_iters:
+        metrics = self.train_steps([next(ds) for _ in range(n)])
+        bad = np.asarray(jax.device_get(metrics["nonfinite"]))
+        if bad.any():
+          if cfg.get("nan_policy", "stop") == "stop":
+            first = step + int(np.argmax(bad)) + 1
+            raise FloatingPointError(
+                f"Non-finite loss or gradients at step {first}; no checkpoint was written after "
+                f"step {step} and earlier checkpoints are intact. Lower config.optim.lr, set "
+                "config.optim.grad_clip, check the data, or set config.training.nan_policy='skip'.")
+          skipped += int(bad.sum())
+          logging.warning("Skipped %d non-finite update(s) up to step %d.", int(bad.sum()), step + n)
+        step += n
+        if step % cfg.log_freq == 0 or step == cfg.n_iters:
+          last = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()
+                  if k != "nonfinite"}
+          last["skipped_updates"] = skipped
+          rate = (step - step0) / max(time.time() - t0, 1e-9)
+          eta = (cfg.n_iters - step) / max(rate, 1e-9)
+          logging.info("step %d/%d | loss %.5f | grad_norm %.3f | lr %.2e | %.1f steps/s | ETA %s",
+                       step, cfg.n_iters, last["loss"], last.get("grad_norm", float("nan")),
+                       last.get("lr", float("nan")), rate, _hms(eta))
+          if writer:
+            for k, v in last.items():
+              writer.add_scalar(f"train/{k}", v, step)
+            writer.add_scalar("train/steps_per_sec", rate, step)
+        if self.checkpoints is not None:
+          if step % cfg.snapshot_freq == 0 or step == cfg.n_iters:
+            self._save(step, snapshot=True)
+            if cfg.snapshot_sampling and jax.process_index() == 0:
+              self._snapshot_samples(jax.random.fold_in(sample_key, step), step, writer)
+          elif step % cfg.snapshot_freq_for_preemption == 0 or stop.requested:
+            self._save(step, snapshot=False)
+        if stop.requested:
+          logging.warning("Received %s at step %d: checkpoint written, exiting.", stop.name, step)
+          break
+    if writer:
+      writer.close()
+    return last
+
+  def _save(self, step: int, snapshot: bool) -> None:
+    try:
+      self.checkpoints.save(step, self.state, snapshot=snapshot)
+    except OSError as e:
+      raise OSError(
+          f"Could not write the checkpoint of step {step} under {self.workdir}: {e}. Earlier "
+          "checkpoints are intact; free disk space or choose a writable --workdir, then rerun to "
+          "resume.") from e
+
+  def _snapshot_samples(self, key, step: int, writer) -> None:
+    samples, nfe = self.sample(key, int(self.config.sampling.num_samples))
+    from score_sde.plotting import save_samples  # matplotlib only when plotting
+    path = save_samples(samples, os.path.join(self.workdir, "samples", f"step_{step}"),
+                        title=f"step {step}, {nfe} NFE")
+    logging.info("Wrote %s (%d NFE).", path, nfe)
+    if writer and samples.ndim == 4:
+      from score_sde.plotting import image_grid
+      writer.add_image("samples", image_grid(samples[:64]), step, dataformats="HWC")
+
+
+def _flag_nonfinite(step_fn):
+  """Adds metrics['nonfinite'] (the loss or gradient norm of that update was not finite).
+
+  What happens to such an update is the step's ``nan_policy`` (score_sde.losses); the loop stops or
+  counts on this flag.
+  """
+  def flagged(state, batch):
+    new_state, metrics = step_fn(state, batch)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    return new_state, dict(metrics, nonfinite=~ok)
+  return flagged
+
+
+class _StopSignals:
+  """Turns SIGTERM / SIGINT into a flag the loop checks after each compiled call."""
+
+  def __init__(self):
+    self.requested, self.name, self._old = False, None, {}
+
+  def _handler(self, signum, frame):
+    del frame
+    self.requested, self.name = True, signal.Signals(signum).name
+
+  def __enter__(self):
+    import threading
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False
+
+
+def _check_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise OSError(f"--workdir {workdir} is not writable ({e}); choose another directory.") from e
+
+
+def _summary_writer(workdir: Optional[str]):
+  if workdir is None or jax.process_index() != 0:
+    return None
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train(config, workdir: str) -> dict:
+  """Entry point used by ``experiments/main.py --mode train``."""
+  os.makedirs(workdir, exist_ok=True)
+  trainer = Trainer(config, workdir)
+  try:
+    return trainer.train()
+  finally:
+    trainer.checkpoints.close()
