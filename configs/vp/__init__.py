@@ -1,0 +1,1 @@
+"""Per-model configs; each module defines get_config()."""
