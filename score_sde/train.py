@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from score_sde import datasets, losses, sde_lib
@@ -31,8 +31,13 @@ from score_sde.utils import data_shape
 
 
 def make_mesh() -> Mesh:
-  """A 1-D mesh named 'data' over all devices of all processes."""
-  return jax.make_mesh((jax.device_count(),), ("data",))
+  """A 1-D mesh named 'data' over all devices of all processes.
+
+  Its axis is ``Auto`` (XLA propagates shardings from the sharded batch and replicated params):
+  with ``Explicit`` axes, values created inside the step without a sharding, such as dropout
+  masks, would clash with the sharded activations.
+  """
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
 class Trainer:

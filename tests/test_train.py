@@ -88,3 +88,26 @@ def test_training_reduces_loss_and_learns_the_score():
 def test_bad_config_fails_before_compiling(field, value, match):
   with pytest.raises(ValueError, match=match):
     Trainer(tiny_toy_config(**{field: value}))
+
+
+def test_mnist_unet_with_dropout_trains_on_the_default_mesh():
+  """The U-Net's dropout masks must live on the data-parallel mesh of all 8 devices."""
+  import importlib.util
+  from conftest import REPO
+  spec = importlib.util.spec_from_file_location("c", REPO / "configs/mnist/vp_continuous.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.model.nf, cfg.model.ch_mult, cfg.model.dropout = 8, (1, 2), 0.5
+  cfg.training.batch_size, cfg.training.n_jitted_steps = 16, 2
+  cfg.optim.warmup = 0  # full learning rate from the first step
+  trainer = Trainer(cfg)
+  assert trainer.mesh.size == 8
+  rng = np.random.default_rng(0)
+  before = jax.device_get(trainer.state.params)
+  m = trainer.train_steps([{"image": rng.random((16, 28, 28, 1), dtype=np.float32)}] * 2)
+  assert np.all(np.isfinite(np.asarray(m["loss"])))
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before,
+                         jax.device_get(trainer.state.params))
+  # Zero-initialised output layers let gradients reach one more layer per step; the last one moves.
+  assert any(jax.tree.leaves(changed))
