@@ -101,8 +101,13 @@ class GaussianMixture:
 
   def posterior(self, x: Array, t: Optional[Array] = None, sde: Optional[SDE] = None) -> Array:
     """p(component k | x_t = x) ``[batch, K]``."""
+    return jnp.exp(self.log_posterior(x, t, sde))
+
+  def log_posterior(self, x: Array, t: Optional[Array] = None,
+                    sde: Optional[SDE] = None) -> Array:
+    """log p(component k | x_t = x) ``[batch, K]``: the exact time-dependent classifier."""
     log_n, _ = self._component_terms(x, *self._perturbed(x, t, sde))
-    return jax.nn.softmax(self.log_weights[None] + log_n, axis=-1)
+    return jax.nn.log_softmax(self.log_weights[None] + log_n, axis=-1)
 
   def score(self, x: Array, t: Optional[Array] = None, sde: Optional[SDE] = None,
             labels: Optional[Array] = None) -> Array:

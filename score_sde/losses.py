@@ -147,24 +147,64 @@ def get_loss_fn(config, sde: sde_lib.SDE, model: nn.Module, train: bool) -> Loss
   """
   tc = config.training
   if tc.continuous:
-    inner = get_sde_loss_fn(sde, model, train, reduce_mean=tc.reduce_mean, continuous=True,
-                            likelihood_weighting=tc.likelihood_weighting)
+    make_inner = lambda m: get_sde_loss_fn(sde, m, train, reduce_mean=tc.reduce_mean,
+                                           continuous=True,
+                                           likelihood_weighting=tc.likelihood_weighting)
   else:
     if tc.likelihood_weighting:
       raise ValueError("Likelihood weighting needs continuous training: set "
                        "config.training.continuous=True or likelihood_weighting=False.")
     if isinstance(sde, sde_lib.VESDE):
-      inner = get_smld_loss_fn(sde, model, train, reduce_mean=tc.reduce_mean)
+      make_inner = lambda m: get_smld_loss_fn(sde, m, train, reduce_mean=tc.reduce_mean)
     elif isinstance(sde, sde_lib.VPSDE):
-      inner = get_ddpm_loss_fn(sde, model, train, reduce_mean=tc.reduce_mean)
+      make_inner = lambda m: get_ddpm_loss_fn(sde, m, train, reduce_mean=tc.reduce_mean)
     else:
       raise ValueError(f"Discrete training is defined for VE (SMLD) and VP (DDPM) only, not "
                        f"{type(sde).__name__}: set config.training.continuous=True.")
   expected = data_shape(config)
+  from score_sde import controllable  # class-conditional models (config.model.num_classes)
+  num_classes = controllable.num_classes_of(config)
+  if num_classes:
+    return _conditional_loss_fn(make_inner, model, expected, num_classes,
+                                controllable.label_dropout_of(config) if train else 0.0)
+  inner = make_inner(model)
 
   def loss_fn(key: Array, params: Any, batch: Array):
+    if isinstance(batch, dict):
+      batch = batch["image"]
     _check_batch(batch, expected)
     return inner(key, params, batch)
+
+  return loss_fn
+
+
+def _conditional_loss_fn(make_inner, model, expected, num_classes: int,
+                         label_dropout: float) -> LossFn:
+  """The same DSM loss for a class-conditional network; ``batch = {'image', 'label'}``.
+
+  Each label is replaced by the null label K = num_classes with probability ``label_dropout``
+  (classifier-free guidance training). A plain array batch trains / evaluates the unconditional
+  (null-label) score.
+  """
+  from score_sde.controllable import _WithClassLabels
+
+  def loss_fn(key: Array, params: Any, batch):
+    if isinstance(batch, dict):
+      x, labels = batch["image"], batch["label"]
+    else:
+      x, labels = batch, None
+    _check_batch(x, expected)
+    drop_key, key = jax.random.split(key)
+    if labels is None:
+      labels = jnp.full((x.shape[0],), num_classes, jnp.int32)
+    else:
+      if labels.shape != x.shape[:1]:
+        raise ValueError(f"Batch labels must be [batch]={x.shape[:1]}, got {labels.shape}.")
+      labels = labels.astype(jnp.int32)
+      if label_dropout > 0:
+        drop = jax.random.uniform(drop_key, labels.shape) < label_dropout
+        labels = jnp.where(drop, num_classes, labels)
+    return make_inner(_WithClassLabels(model, labels))(key, params, x)
 
   return loss_fn
 

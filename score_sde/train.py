@@ -94,7 +94,13 @@ class Trainer:
     local = np.stack([self.scaler(b["image"]) for b in local_batches]).astype(np.float32)
     sharding = NamedSharding(self.mesh, P(None, "data"))
     global_shape = (local.shape[0], local.shape[1] * jax.process_count()) + local.shape[2:]
-    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+    images = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    if not self.config.model.get("num_classes", None):
+      return images
+    # Class-conditional model: the loss also takes the labels (score_sde.controllable).
+    labels = np.stack([b["label"] for b in local_batches]).astype(np.int32)
+    return {"image": images, "label": jax.make_array_from_process_local_data(
+        sharding, labels, global_shape[:2])}
 
   def train_steps(self, local_batches: list[dict]) -> dict:
     """Runs ``n_jitted_steps`` updates (one compiled call); returns the metrics (on device)."""

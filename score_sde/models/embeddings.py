@@ -103,3 +103,31 @@ def label_sigma(config, labels: Array) -> Array:
   m = config.model
   sigmas = np.exp(np.linspace(np.log(m.sigma_max), np.log(m.sigma_min), m.num_scales))
   return jnp.asarray(sigmas, jnp.float32)[labels.astype(jnp.int32)]
+
+
+def class_embedding(config, class_labels, batch: int, dim: int):
+  """Class-label embedding ``[batch, dim]`` for class-conditional networks (call inside a compact
+  module), or 0 when ``config.model.num_classes`` is unset.
+
+  Labels lie in 0..K with K = num_classes the null label (unconditional; also used when
+  ``class_labels`` is None). The table has K + 1 rows, initialized N(0, 1) like the noise
+  features it is added to. Out-of-range labels raise when concrete; under jit they are clipped
+  by the gather, so check them first (score_sde.controllable.check_labels).
+  """
+  k = config.model.get("num_classes", None)
+  if k in (None, 0):
+    if class_labels is not None:
+      raise ValueError("class_labels given to an unconditional network: set "
+                       "config.model.num_classes to train a class-conditional model.")
+    return 0.0
+  if class_labels is None:
+    class_labels = jnp.full((batch,), int(k), jnp.int32)
+  if class_labels.shape != (batch,):
+    raise ValueError(f"class_labels must be [batch]={batch}, got {class_labels.shape}.")
+  if not isinstance(class_labels, jax.core.Tracer):
+    arr = np.asarray(class_labels)
+    if arr.size and (arr.min() < 0 or arr.max() > int(k)):
+      raise ValueError(f"class_labels must lie in 0..{int(k)} ({int(k)} = the null label), got "
+                       f"values in [{arr.min()}, {arr.max()}].")
+  return nn.Embed(int(k) + 1, dim, embedding_init=nn.initializers.normal(1.0),
+                  name="class_embed")(class_labels.astype(jnp.int32))

@@ -6,7 +6,9 @@ training.sde / training.continuous (label convention), and for discrete VE model
 model.sigma_max, model.num_scales.
 
 Architecture, for x [batch, D] and labels [batch]:
-  temb = Dense(nf) SiLU Dense(nf) (embed(labels))
+  temb = Dense(nf) SiLU (Dense(nf)(embed(labels)) + Embed(class_labels))
+  (the class embedding only when config.model.num_classes = K is set: class_labels [batch] in
+  0..K, K the null label, which is also used when class_labels is None)
   h = Dense(nf)(c_in x)
   h <- h + Dense(nf)(Dropout(SiLU(Dense(2 nf)(SiLU(LayerNorm(h))) + Dense(2 nf)(temb))))  x num_layers
   out = Dense(D)(SiLU(LayerNorm(h)))
@@ -46,7 +48,8 @@ class ToyMLP(nn.Module):
   config: object
 
   @nn.compact
-  def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, labels: Array, train: bool = False,
+               class_labels: Array | None = None) -> Array:
     cfg = self.config
     m = cfg.model
     if x.ndim != 2:
@@ -58,6 +61,7 @@ class ToyMLP(nn.Module):
     num_layers = int(m.get("num_layers", 3))
     temb = embeddings.noise_embedding(cfg, labels, nf)
     temb = nn.Dense(nf)(temb)
+    temb = temb + embeddings.class_embedding(cfg, class_labels, x.shape[0], nf)
     temb = nn.Dense(nf)(nn.silu(temb))
 
     ve = embeddings.is_ve(cfg)
@@ -71,3 +75,27 @@ class ToyMLP(nn.Module):
     if ve and m.scale_by_sigma:
       out = out / sigma[:, None]
     return out
+
+
+class ToyClassifier(nn.Module):
+  """Noise-conditional MLP classifier for vector data: ``(x_t [batch, D], sigma [batch]) -> logits``.
+
+  temb = Dense(nf) SiLU Dense(nf) (Fourier(log sigma), scale 1); h = Dense(nf)(x / sqrt(1 + sigma^2));
+  num_layers residual blocks as in :class:`ToyMLP`; logits = Dense(K)(SiLU(LN(h))). Same call
+  convention as :class:`score_sde.models.wideresnet.WideResnet` (x_t and its noise std sigma(t)).
+  """
+  num_classes: int
+  nf: int = 128
+  num_layers: int = 3
+
+  @nn.compact
+  def __call__(self, x: Array, sigmas: Array, train: bool = False) -> Array:
+    if x.ndim != 2 or sigmas.shape != x.shape[:1]:
+      raise ValueError(f"ToyClassifier expects x [batch, dim] and sigmas [batch], got {x.shape} "
+                       f"and {sigmas.shape}.")
+    temb = embeddings.GaussianFourierProjection(self.nf // 2, scale=1.0)(jnp.log(sigmas))
+    temb = nn.Dense(self.nf)(nn.silu(nn.Dense(self.nf)(temb)))
+    h = nn.Dense(self.nf)(x / jnp.sqrt(1.0 + sigmas[:, None] ** 2))
+    for _ in range(self.num_layers):
+      h = ResidualMLPBlock(self.nf)(h, temb, train)
+    return nn.Dense(self.num_classes)(nn.silu(nn.LayerNorm()(h)))

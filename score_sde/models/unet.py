@@ -9,7 +9,9 @@ model.scale_by_sigma, training.sde / training.continuous (label convention).
 Layout (nf=32, ch_mult=(1, 2, 2), num_res_blocks=1 on 28x28): conv_in -> [ResBlock x n, Down]
 at 28 -> 14 -> 7 -> middle ResBlock, Attention, ResBlock -> [ResBlock x (n + 1) on the skip
 concatenation, Up] back to 28 -> GroupNorm, SiLU, conv_out. Res blocks add a projected time
-embedding temb = Dense(4 nf) SiLU Dense(4 nf) (embed(labels)). GroupNorm uses min(32, C / 4)
+embedding temb = Dense(4 nf) SiLU (Dense(4 nf)(embed(labels)) + Embed(class_labels)), the class
+embedding only with config.model.num_classes = K (class_labels in 0..K; K, the null label, is
+the unconditional score and the default when class_labels is None). GroupNorm uses min(32, C / 4)
 groups; convs that end a residual branch and the output conv start at zero (as in DDPM), so the
 untrained network outputs 0.
 
@@ -71,7 +73,8 @@ class SmallUNet(nn.Module):
   config: object
 
   @nn.compact
-  def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, labels: Array, train: bool = False,
+               class_labels: Optional[Array] = None) -> Array:
     cfg = self.config
     m = cfg.model
     if x.ndim != 4:
@@ -92,6 +95,7 @@ class SmallUNet(nn.Module):
 
     temb = embeddings.noise_embedding(cfg, labels, nf)
     temb = nn.Dense(4 * nf)(temb)
+    temb = temb + embeddings.class_embedding(cfg, class_labels, x.shape[0], 4 * nf)
     temb = nn.Dense(4 * nf)(nn.silu(temb))
 
     ve = embeddings.is_ve(cfg)

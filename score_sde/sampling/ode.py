@@ -35,7 +35,7 @@ Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
 __all__ = ["ODE_METHODS", "get_ode_sampler", "get_ode_encoder", "solve_per_example", "solver_nfe",
-           "probability_flow_drift"]
+           "probability_flow_drift", "PerExampleScore", "split_score_fn"]
 
 ODE_METHODS: dict[str, type[diffrax.AbstractSolver]] = {
     "dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5, "bosh3": diffrax.Bosh3,
@@ -109,10 +109,39 @@ def probability_flow_drift(sde: SDE, score_fn: ScoreFn) -> Callable[[Array, Arra
   return lambda x, t: rsde.sde(x, t)[0]
 
 
+class PerExampleScore:
+  """``score_fn(x, t) = fn(x, t, cond)`` with per-example conditioning ``cond`` (a pytree whose
+  leaves have a leading batch axis, e.g. class labels ``[batch]``).
+
+  Plain callers see an ordinary ``score_fn(x, t)``. Solvers that evaluate examples one at a time
+  (the per-example ODE solves here) slice ``cond`` along with ``x`` instead of closing over the
+  whole batch's conditioning (see :func:`split_score_fn`).
+  """
+
+  def __init__(self, fn: Callable[[Array, Array, Any], Array], cond: Any):
+    self.fn, self.cond = fn, cond
+
+  def __call__(self, x: Array, t: Array) -> Array:
+    return self.fn(x, t, self.cond)
+
+
+def split_score_fn(score_fn: ScoreFn) -> tuple[Callable[[Array, Array, Any], Array], Any]:
+  """``(fn(x, t, cond), cond)`` of a :class:`PerExampleScore`; ``(fn ignoring cond, None)`` else."""
+  if isinstance(score_fn, PerExampleScore):
+    return score_fn.fn, score_fn.cond
+  return (lambda x, t, cond: score_fn(x, t)), None
+
+
 def _single_example_field(sde: SDE, score_fn: ScoreFn):
-  """Vector field for one example ``x [*data_shape]`` at scalar t (calls score_fn on x[None])."""
-  drift = probability_flow_drift(sde, score_fn)
-  return lambda t, x, args: drift(x[None], jnp.full((1,), t, x.dtype))[0]
+  """Vector field for one example ``x [*data_shape]`` at scalar t (calls score_fn on x[None]);
+  ``args`` is that example's slice of a :class:`PerExampleScore`'s conditioning (or None)."""
+  fn, _ = split_score_fn(score_fn)
+
+  def field(t, x, args):
+    cond = jax.tree_util.tree_map(lambda c: c[None], args)
+    drift = probability_flow_drift(sde, lambda xx, tt: fn(xx, tt, cond))
+    return drift(x[None], jnp.full((1,), t, x.dtype))[0]
+  return field
 
 
 @register_sampler("ode")
@@ -142,7 +171,8 @@ def get_ode_sampler(sde: SDE, shape, rtol: float = 1e-5, atol: float = 1e-5,
 
   def program(key, score_fn, z):
     check_score_fn_shape(score_fn, jax.ShapeDtypeStruct(shape, jnp.float32), "ODE sampler")
-    x, _, nfe = solve_per_example(_single_example_field(sde, score_fn), z, None, sde.T, eps,
+    x, _, nfe = solve_per_example(_single_example_field(sde, score_fn), z,
+                                  split_score_fn(score_fn)[1], sde.T, eps,
                                   method, rtol, atol, num_steps, max_steps)
     if denoise:
       _, x = reverse_diffusion(key, x, jnp.full(shape[:1], eps), sde=sde, score_fn=score_fn)
@@ -178,7 +208,8 @@ def get_ode_encoder(sde: SDE, shape, rtol: float = 1e-5, atol: float = 1e-5,
   def program(key, score_fn, x):
     del key
     check_score_fn_shape(score_fn, jax.ShapeDtypeStruct(shape, jnp.float32), "ODE encoder")
-    z, _, nfe = solve_per_example(_single_example_field(sde, score_fn), x, None, eps, sde.T,
+    z, _, nfe = solve_per_example(_single_example_field(sde, score_fn), x,
+                                  split_score_fn(score_fn)[1], eps, sde.T,
                                   method, rtol, atol, num_steps, max_steps)
     return z, nfe
 
