@@ -9,7 +9,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   # training
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128
-  training.n_iters = 1300001
+  training.n_iters = 1300000  # reference: 1300001, its range() end
   training.snapshot_freq = 50000
   training.log_freq = 50
   training.eval_freq = 100

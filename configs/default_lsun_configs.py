@@ -13,7 +13,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   # training
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 64
-  training.n_iters = 2400001
+  training.n_iters = 2400000  # reference: 2400001, its range() end
   training.snapshot_freq = 50000
   training.log_freq = 50
   training.eval_freq = 100

@@ -25,6 +25,20 @@ def _get(cfg, path):
   return node
 
 
+def _check_network(errors, config) -> None:
+  """Constructs ``config.model.name`` (no parameters, nothing compiled): the network's own
+  build-time checks (``attn_resolutions``, image size vs ``ch_mult``, ``resblock_type``,
+  ``progressive*``, ``embedding_type``, ``normalization``, ``nonlinearity``, ...) run here."""
+  name = _get(config, "model.name")
+  if name is None:
+    return
+  from score_sde.models import utils as mutils
+  try:
+    mutils.get_model(name)(config=config)
+  except ValueError as e:
+    errors.append(str(e))
+
+
 def validate_config(config, num_devices: int | None = None) -> None:
   """Raises ``ValueError`` naming every inconsistent or out-of-range field of ``config``."""
   errors: list[str] = []
@@ -69,5 +83,14 @@ def validate_config(config, num_devices: int | None = None) -> None:
     names = available_samplers()
     if method not in names:
       errors.append(f"config.sampling.method={method!r} is unknown; choose one of {names}.")
+    elif sde_name in sde_lib.SDES:
+      # Build (no compiling: host-side coefficients only) the configured sampler, so bad sampler
+      # options (NFE below the order, unknown schedule, ...) fail at start-up.
+      from score_sde.sampling import get_sampler_from_config
+      try:
+        get_sampler_from_config(config, sde_lib.get_sde(config), (1, 1))
+      except (ValueError, TypeError, AttributeError) as e:
+        errors.append(f"config.sampling (method={method!r}): {e}")
+  _check_network(errors, config)
   if errors:
     raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))

@@ -8,7 +8,7 @@ def get_config():
   training = config.training
   training.sde = 'vesde'
   training.continuous = True
-  training.n_iters = 950001
+  training.n_iters = 950000  # reference: 950001, its range() end
   # sampling
   sampling = config.sampling
   sampling.method = 'pc'

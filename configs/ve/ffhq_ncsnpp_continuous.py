@@ -7,7 +7,7 @@ def get_config():
   # training
   training = config.training
   training.batch_size = 8
-  training.n_iters = 2400001
+  training.n_iters = 2400000  # reference: 2400001, its range() end
   training.sde = 'vesde'
   training.continuous = True
   training.reduce_mean = True

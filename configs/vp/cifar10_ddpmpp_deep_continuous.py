@@ -9,7 +9,7 @@ def get_config():
   training.sde = 'vpsde'
   training.continuous = True
   training.reduce_mean = True
-  training.n_iters = 950001
+  training.n_iters = 950000  # reference: 950001, its range() end
   # sampling
   sampling = config.sampling
   sampling.method = 'pc'

@@ -502,5 +502,9 @@ def check_unet_config(config, name: str) -> None:
   if bad:
     raise ValueError(f"config.model.attn_resolutions={tuple(m.attn_resolutions)} contains {bad}, "
                      f"which the {name} never visits; the resolutions are {resolutions}.")
+  norm = m.get("normalization", "GroupNorm")
+  if str(norm).lower() != "groupnorm":
+    raise ValueError(f"config.model.normalization={norm!r} is not supported by the {name} "
+                     "network, which always uses GroupNorm; set it to 'GroupNorm'.")
   get_act(config)
   get_dtype(config)

@@ -1,0 +1,45 @@
+"""Import a released score_sde (JAX / Flax) checkpoint into a workdir of this framework.
+
+  python experiments/import_checkpoint.py --config configs/ve/cifar10_ncsnpp_continuous.py \
+      --checkpoint /ckpts/ve/cifar10_ncsnpp_continuous/checkpoint_24 --workdir runs/ncsnpp
+  python experiments/main.py --config configs/ve/cifar10_ncsnpp_continuous.py \
+      --workdir runs/ncsnpp --mode sample
+
+The checkpoint (a ``checkpoint_<N>`` file, or a directory: its newest) is checked against the
+config's network, and a mismatch names the first differing parameter path. The imported state is
+written as a kept orbax snapshot at the checkpoint's training step (``--step`` to choose), holding
+the raw and EMA parameters, the Adam moments and the step; ``--noema`` makes sampling / evaluation
+use the raw weights. ``experiments/main.py --import_checkpoint=...`` does the same in one call.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config the checkpoint was trained with.",
+                                lock_config=True)
+flags.DEFINE_string("checkpoint", None, "checkpoint_<N> file or a directory of them.")
+flags.DEFINE_string("workdir", None, "Workdir to write the orbax checkpoint into.")
+flags.DEFINE_bool("ema", True, "Sample / evaluate with params_ema (else the optimizer target).")
+flags.DEFINE_integer("step", None, "Step to save at (default: the checkpoint's training step).")
+flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+
+
+def main(argv):
+  del argv
+  from score_sde.checkpoint_import import import_to_workdir
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_logger().addFilter(lambda r: r.levelno >= 30 or "/orbax/" not in r.pathname)
+  step = import_to_workdir(FLAGS.config, FLAGS.checkpoint, FLAGS.workdir, ema=FLAGS.ema,
+                           step=FLAGS.step)
+  print(f"Imported {FLAGS.checkpoint} into {FLAGS.workdir} at step {step}. Next: "
+        f"python experiments/main.py --config <same config> --workdir {FLAGS.workdir} "
+        "--mode sample (or --mode eval --config.eval.begin_ckpt=0 --config.eval.end_ckpt=-1).")
+
+
+if __name__ == "__main__":
+  app.run(main)
