@@ -195,3 +195,46 @@ def test_bad_shapes():
   sampler = get_sampler("ddim", SDES["vp"], (4, 2), nfe=3)
   with pytest.raises(ValueError, match="x_T must have"):
     sampler(jax.random.PRNGKey(0), lambda x, t: -x, jnp.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("sde,overrides,match", [
+    ("vpsde", {"sampling.method": "dpm_solver_pp", "sampling.nfe": 2,
+               "sampling.options": {"order": 3}}, "order 3 needs at least 3"),
+    ("vesde", {"sampling.method": "unipc", "sampling.options": {"schedule": "cosine"}},
+     "Unknown schedule"),
+    ("subvpsde", {"sampling.method": "heun", "sampling.nfe": 1}, "too small"),
+    ("vpsde", {"sampling.method": "ddim", "sampling.options": {"order": 2}}, "no option"),
+])
+def test_bad_sampler_config_fails_at_validation(sde, overrides, match):
+  """validate_config builds the configured sampler (host-side only), so the CLI, the training
+  loop's snapshot sampling and the eval loop all reject bad sampler options at start-up."""
+  from conftest import tiny_toy_config
+  from score_sde.config_validation import validate_config
+  cfg = tiny_toy_config(sde, **overrides)
+  with pytest.raises(ValueError, match=match) as info:
+    validate_config(cfg, num_devices=1)
+  assert "config.sampling" in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["ddim", "euler", "heun", "dpm_solver", "dpm_solver_pp",
+                                    "unipc"])
+def test_fast_sampler_configs_validate_on_every_sde(method):
+  """No fast sampler is VP- or VE-only: each one builds from config.sampling on every SDE."""
+  from conftest import tiny_toy_config
+  from score_sde.config_validation import validate_config
+  from score_sde.sampling import get_sampler_from_config
+  for sde in ("vpsde", "subvpsde", "vesde"):
+    cfg = tiny_toy_config(sde, **{"sampling.method": method, "sampling.nfe": 10})
+    validate_config(cfg, num_devices=1)
+    sampler = get_sampler_from_config(cfg, sde_lib.get_sde(cfg), (4, 2))
+    assert sampler.nfe == 10
+
+
+def test_lower_order_final_counts_the_denoising_step():
+  """Under 15 steps the last step is 1st order and the one before 2nd; with denoise the denoising
+  step is that last 1st-order step (as DPM-Solver++'s final step to sigma = 0)."""
+  from score_sde.sampling.fast import _ms_order
+  assert [_ms_order(3, i, 9, True) for i in range(9)] == [1, 2, 3, 3, 3, 3, 3, 2, 1]
+  assert [_ms_order(3, i, 9, True, denoise=True) for i in range(9)] == [1, 2, 3, 3, 3, 3, 3, 3, 2]
+  assert [_ms_order(3, i, 20, True) for i in range(20)][-2:] == [3, 3]
+  assert [_ms_order(2, i, 5, False) for i in range(5)] == [1, 2, 2, 2, 2]

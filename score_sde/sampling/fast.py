@@ -485,13 +485,13 @@ def _singlestep_step(sde: SDE, ts: np.ndarray, i: int, order: int, pred: str) ->
 
 
 def _multistep_run(sde: SDE, ts: np.ndarray, order: int, pred: str, eta: float,
-                   lower_order_final: bool) -> _MSRun:
+                   lower_order_final: bool, denoise: bool = False) -> _MSRun:
   """Multistep DPM-Solver (noise) / DPM-Solver++(kM) (data, eta > 0: the SDE variants)."""
   M = len(ts) - 1
   al, si, lam = kernel_np(sde, ts)
   A, C, S = np.zeros(M), np.zeros((M, 3)), np.zeros(M)
   for i in range(M):
-    p = _ms_order(order, i, M, lower_order_final)
+    p = _ms_order(order, i, M, lower_order_final, denoise)
     h = lam[i + 1] - lam[i]
     at, st = al[i + 1], si[i + 1]
     e0 = np.array([1.0, 0.0, 0.0])
@@ -527,11 +527,16 @@ def _multistep_run(sde: SDE, ts: np.ndarray, order: int, pred: str, eta: float,
                 Q=np.zeros(M), Cc=np.zeros((M, 4)))
 
 
-def _ms_order(order: int, i: int, M: int, lower_order_final: bool) -> int:
-  """Warm-up (order <= i + 1) and, for M < 15 steps, lower orders on the last steps."""
+def _ms_order(order: int, i: int, M: int, lower_order_final: bool, denoise: bool = False) -> int:
+  """Warm-up (order <= i + 1) and, for M < 15 steps, lower orders on the last steps.
+
+  The last step is first order and the one before it at most second order. With ``denoise`` the
+  final denoising evaluation (x0 at eps, itself a first-order step towards sigma = 0) is that last
+  step, so the solver's last step keeps order 2, as in DPM-Solver++'s step to sigma = 0.
+  """
   p = min(order, i + 1)
   if lower_order_final and M < 15:
-    p = min(p, M - i)
+    p = min(p, M - i + int(denoise))
   return p
 
 
@@ -552,7 +557,7 @@ def _dpm(name: str, sde, shape, pred, nfe, steps, order, method, schedule, rho, 
     M = steps or budget
     _order_check(name, order, M, "steps")
     ts = get_time_steps(sde, M, schedule, eps, rho)
-    runs = [_multistep_run(sde, ts, order, pred, eta, lower_order_final)]
+    runs = [_multistep_run(sde, ts, order, pred, eta, lower_order_final, denoise)]
   else:
     if steps is not None:
       orders = [order] * steps
@@ -590,7 +595,7 @@ def dpm_solver_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = N
   orders): order 2 x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) (eps_0 + D1_0 / 2) with
   D1_0 = (eps_0 - eps_{-1}) / r0, r0 = h_{-1} / h; order 3 the Taylor form of DPM-Solver++(3M)
   with eps in place of x0. ``lower_order_final``: with under 15 steps, drop the order on the last
-  steps (Lu et al. 2022b).
+  steps (Lu et al. 2022b); with ``denoise`` the denoising step counts as the last, first-order one.
   """
   return _dpm("dpm_solver", sde, shape, "noise", nfe, steps, order, method, schedule, rho, eps,
               denoise, 0.0, lower_order_final)
@@ -682,7 +687,7 @@ def unipc_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
   A, C, S = np.zeros(M), np.zeros((M, 3)), np.zeros(M)
   P, Q, Cc = np.ones(M), np.zeros(M), np.zeros((M, 4))
   for i in range(M):
-    p = _ms_order(order, i, M, lower_order_final)
+    p = _ms_order(order, i, M, lower_order_final, denoise)
     h = lam[i + 1] - lam[i]
     at = al[i + 1]
     rks = np.array([(lam[i - k] - lam[i]) / h for k in range(1, p)] + [1.0])
