@@ -26,6 +26,7 @@ def get_default_configs():
   evaluate.num_bpd_samples = 1024
   evaluate.hutchinson_type = "rademacher"
   evaluate.num_samples = 256
+  evaluate.enable_sampling = False   # FID needs Inception weights and fid_stats (docs/evaluation.md)
 
   data = config.data
   data.dataset = "mnist"

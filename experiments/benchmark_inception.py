@@ -1,7 +1,14 @@
-"""Throughput of the Flax FID Inception (images/s) and the time to embed 10k / 50k samples.
+"""Throughput of the Flax FID Inception (images/s) and the time to evaluate 10k / 50k samples.
 
-  python experiments/benchmark_inception.py --batch 8 --iters 3 --out /tmp/inception.json
-  python experiments/benchmark_inception.py --batch 500 --iters 20 --precision highest,default
+  python experiments/benchmark_inception.py --batch 32 --iters 16 --out /tmp/inception_cpu.json
+  python experiments/benchmark_inception.py --batch 500 --iters 20 --precision highest,default \
+      --out inception_gpu.json
+
+"Evaluate" = Inception features of every sample + float64 running statistics (FeatureStats
+update on the host) + one Frechet distance against a 2048-d reference: the Inception part of
+`--mode eval` (sampling not included). The 10k / 50k times are extrapolated from the measured
+batches (iters x batch images), the statistics update from its measured per-image cost and the
+FID from one measured call; the JSON says how many images were measured.
 
 Uses the real pytorch-fid weights when they are in the cache (or --weights PATH; never downloads),
 else random weights of the same shapes (identical cost; the output says which). Images are random
@@ -18,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from score_sde.evaluation import inception, weights
+from score_sde.evaluation import inception, metrics, weights
 
 
 def _load_variables(path: str | None):
@@ -66,14 +73,33 @@ def main() -> None:
       times.append(time.perf_counter() - t0)
     per_batch = float(np.median(times))
     ips = args.batch / per_batch
+    # Host-side float64 statistics and the FID itself.
+    feats = np.asarray(fn(images)["pool_3"])
+    t0 = time.perf_counter()
+    stats = metrics.FeatureStats.zeros().update(feats)
+    stats_per_image = (time.perf_counter() - t0) / args.batch
+    rng = np.random.default_rng(1)
+    ref_feats = rng.random((4096, inception.POOL3_DIM))
+    ref = metrics.InceptionStats.from_features(ref_feats)
+    stats = metrics.FeatureStats.zeros().update(rng.random((4096, inception.POOL3_DIM)))
+    t0 = time.perf_counter()
+    metrics.frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)
+    fid_s = time.perf_counter() - t0
+
+    def total(n):
+      return n / ips + n * stats_per_image + fid_s
     run = {"precision": precision, "compile_and_first_call_s": compile_s,
            "median_batch_s": per_batch, "images_per_s": ips,
-           "time_10k_samples_s": 10_000 / ips, "time_50k_samples_s": 50_000 / ips}
+           "measured_images": args.batch * args.iters,
+           "stats_update_s_per_image": stats_per_image, "fid_s": fid_s,
+           "features_10k_s": 10_000 / ips, "time_10k_samples_s": total(10_000),
+           "time_50k_samples_s": total(50_000), "extrapolated": True}
     results["runs"].append(run)
     print(f"[{results['device']}] precision={precision:8s} batch={args.batch} "
-          f"{args.image_size}px->299: {ips:9.1f} img/s, 10k samples {10_000 / ips:8.1f} s, "
-          f"50k {50_000 / ips:8.1f} s (compile+first call {compile_s:.1f} s; weights: "
-          f"{weights_kind})")
+          f"{args.image_size}px->299: {ips:9.1f} img/s measured on {args.batch * args.iters} "
+          f"images; extrapolated 10k samples (features + stats + FID) {total(10_000):8.1f} s, "
+          f"50k {total(50_000):8.1f} s (FID {fid_s:.2f} s; compile+first call {compile_s:.1f} s;"
+          f" weights: {weights_kind})")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=2)

@@ -4,7 +4,15 @@
   python experiments/main.py --config configs/mnist/vp_continuous.py --workdir runs/mnist \
       --config.data.data_dir=/path/to/mnist --config.training.n_iters=2000 --mode train
 
---mode: train | eval | sample | all (train, then eval, then sample; the default).
+--mode: train | eval | sample | all (train, then eval, then sample; the default) | fid_stats
+(reference Inception statistics of config.eval.fid_stats_split, written to config.eval.stats_path
+or <workdir>/fid_stats/<dataset>_<split>_<size>.npz; see docs/evaluation.md).
+--import_checkpoint=/path/to/checkpoint_26 first writes a released score_sde (JAX) checkpoint into
+--workdir (score_sde/checkpoint_import.py; see docs/networks.md), e.g.
+
+  python experiments/main.py --config configs/vp/cifar10_ddpmpp_continuous.py --workdir runs/vp \
+      --mode sample --import_checkpoint=/ckpts/vp/cifar10_ddpmpp_continuous/checkpoint_26
+
 Any config field can be overridden with --config.<group>.<field>=value; an unknown field is an
 error. Runs resume from the newest checkpoint in --workdir.
 """
@@ -20,8 +28,16 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (ml-collections).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and results.")
-flags.DEFINE_enum("mode", "all", ["train", "eval", "sample", "all"], "What to run.")
+flags.DEFINE_enum("mode", "all", ["train", "eval", "sample", "all", "fid_stats",
+                                  "train_classifier"],
+                  "What to run (train_classifier: the noise-conditional classifier for classifier "
+                  "guidance, checkpoints in <workdir>/classifier; docs/controllable.md).")
 flags.DEFINE_integer("checkpoint", None, "Step of the checkpoint to sample from (default: newest).")
+flags.DEFINE_string("import_checkpoint", None,
+                    "A released score_sde JAX checkpoint (file, or directory of checkpoint_<N>) to "
+                    "import into --workdir before running --mode.")
+flags.DEFINE_bool("import_ema", True, "With --import_checkpoint: sample / evaluate with the EMA "
+                  "weights (params_ema); false: the raw optimizer target.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for multi-process runs (see score_sde/distributed.py).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
@@ -45,6 +61,15 @@ def main(argv):
   os.makedirs(FLAGS.workdir, exist_ok=True)
   with open(os.path.join(FLAGS.workdir, f"config_{FLAGS.mode}.txt"), "w") as f:
     f.write(str(config))
+  if FLAGS.import_checkpoint:
+    from score_sde.checkpoint_import import import_to_workdir
+    step = import_to_workdir(config, FLAGS.import_checkpoint, FLAGS.workdir, ema=FLAGS.import_ema)
+    logging.info("Imported %s into %s at step %d.", FLAGS.import_checkpoint, FLAGS.workdir, step)
+  if FLAGS.mode == "train_classifier":
+    from score_sde import controllable
+    controllable.train_classifier(config, FLAGS.workdir)
+  if FLAGS.mode == "fid_stats":
+    evaluate.run_fid_stats(config, FLAGS.workdir)
   if FLAGS.mode in ("train", "all"):
     train.train(config, FLAGS.workdir)
   if FLAGS.mode in ("eval", "all"):

@@ -1,8 +1,18 @@
 """Evaluation and sampling from checkpoints: test DSM loss, bits/dim, sample quality, figures.
 
 ``run_eval`` walks the checkpoints in ``[config.eval.begin_ckpt, config.eval.end_ckpt]`` and writes
-one JSON record per checkpoint into ``<workdir>/eval/results.json``; a checkpoint already recorded
-there is skipped, so an interrupted evaluation resumes without recomputing finished parts.
+one JSON record per checkpoint into ``<workdir>/eval/results.json`` (and TensorBoard scalars
+``eval/<metric>``); a checkpoint already recorded there is skipped. Within a checkpoint, finished
+parts (test loss, bits/dim, each seed's sample metrics) are kept in
+``<workdir>/eval/ckpt_<step>/parts.json`` and the sample metrics in progress in
+``<workdir>/eval/ckpt_<step>/seed_<s>.npz``, so an interrupted evaluation resumes mid-checkpoint
+without recomputing finished parts.
+
+For image data with ``config.eval.enable_sampling``, the sample metrics are FID / IS / KID of
+``config.eval.num_samples`` per-seed samples against the reference statistics
+(``run_fid_stats``, ``--mode fid_stats``), over ``config.eval.num_seeds`` seed sets
+(:mod:`score_sde.evaluation.image_eval`, docs/evaluation.md). For vector data they are the energy
+distance to held-out data.
 ``run_sample`` writes samples (``.npz``) and a figure for one checkpoint.
 """
 from __future__ import annotations
@@ -18,6 +28,7 @@ from absl import logging
 
 from score_sde import datasets, likelihood, metrics
 from score_sde.train import Trainer, _summary_writer
+from score_sde.utils import data_shape
 
 
 def _load(config, workdir: str, step: Optional[int] = None) -> tuple[Trainer, int]:
@@ -30,8 +41,17 @@ def _load(config, workdir: str, step: Optional[int] = None) -> tuple[Trainer, in
   return trainer, step
 
 
-def _eval_batches(config, num: int):
-  """Up to ``num`` examples of the eval split, as process-local numpy batches in data space."""
+def _eval_batches(config, num: int, dequantize: bool = True):
+  """Up to ``num`` examples of the eval split, as process-local numpy batches in data space.
+
+  ``dequantize=False`` reads 8-bit images as k / 255 even when the config dequantizes (bits/dim
+  needs the integers and draws its own dequantization noise).
+  """
+  if not dequantize and config.data.get("uniform_dequantization", False):
+    import copy
+    config = copy.deepcopy(config)
+    with config.unlocked():
+      config.data.uniform_dequantization = False
   seen = 0
   for batch in datasets.get_dataset(config, "test"):
     images = batch["image"]
@@ -62,7 +82,7 @@ def bits_per_dim(trainer: Trainer, key: jax.Array, num: int, repeats: int = 1) -
   is_image = len(trainer.shape) == 3
   bpds, nfes = [], []
   for r in range(repeats):
-    for i, images in enumerate(_eval_batches(cfg, num)):
+    for i, images in enumerate(_eval_batches(cfg, num, dequantize=not is_image)):
       k = jax.random.fold_in(jax.random.fold_in(key, r), i)
       if is_image:
         k, kq = jax.random.split(k)
@@ -89,9 +109,33 @@ def sample_quality(trainer: Trainer, samples: np.ndarray, key: jax.Array) -> dic
   return out
 
 
-def run_eval(config, workdir: str) -> list[dict]:
-  """Evaluates every checkpoint in the configured range; returns all records (old and new)."""
-  trainer = Trainer(config, workdir)
+def run_fid_stats(config, workdir: str, inception_variables=None) -> str:
+  """``--mode fid_stats``: writes the reference Inception statistics; returns their path.
+
+  Path: ``config.eval.stats_path``, else ``<workdir>/fid_stats/<dataset>_<split>_<size>.npz``.
+  """
+  from score_sde.evaluation import image_eval
+  return image_eval.compute_fid_stats(config, workdir, inception_variables)
+
+
+def run_eval(config, workdir: str, inception_variables=None,
+             stop_after_batches: Optional[int] = None) -> list[dict]:
+  """Evaluates every checkpoint in the configured range; returns all records (old and new).
+
+  inception_variables: inject the Inception variables (tests); else config.eval.inception_*.
+  stop_after_batches: test hook, stop (progress saved) after that many sample batches of this
+  call, as a preemption would; SIGTERM / SIGINT do the same.
+  """
+  from score_sde.evaluation import image_eval
+  from score_sde.train import _StopSignals
+  from score_sde.train import make_mesh
+  mesh = make_mesh()
+  fid = len(data_shape(config)) == 3 and bool(config.eval.enable_sampling)
+  if fid:  # everything that can fail does so before the model is built or a checkpoint read
+    opts = image_eval.eval_options(config)
+    feature_fn = image_eval.load_feature_fn(config, inception_variables, mesh)
+    reference = image_eval.load_reference(config, workdir, feature_fn)
+  trainer = Trainer(config, workdir, mesh=mesh)
   steps = trainer.checkpoints.snapshot_steps()
   begin, end = int(config.eval.begin_ckpt), int(config.eval.end_ckpt)
   steps = [s for s in steps if s >= begin and (end < 0 or s <= end)]
@@ -104,29 +148,76 @@ def run_eval(config, workdir: str) -> list[dict]:
   done = {r["step"] for r in records}
   writer = _summary_writer(os.path.join(workdir, "eval"))
   key = jax.random.PRNGKey(config.seed + 2)
-  for step in steps:
-    if step in done:
-      logging.info("Checkpoint %d already evaluated; skipping.", step)
-      continue
-    trainer.state = trainer.checkpoints.restore(step, trainer.state)
-    record = {"step": step}
-    ekey = jax.random.fold_in(key, step)
-    if config.eval.enable_loss:
-      record["test_loss"] = test_loss(trainer, ekey, config.eval.num_bpd_samples)
-    if config.eval.enable_bpd:
-      record.update(bits_per_dim(trainer, ekey, config.eval.num_bpd_samples,
-                                 config.eval.bpd_repeats))
-    if config.eval.enable_sampling:
-      samples, nfe = trainer.sample(ekey, int(config.eval.num_samples))
-      record["sample_nfe"] = nfe
-      record.update(sample_quality(trainer, samples, ekey))
-    logging.info("eval %s", record)
-    records.append(record)
-    _atomic_json(path, records)  # after each checkpoint: a preempted eval resumes here
-    if writer:
-      for k, v in record.items():
-        if k != "step":
-          writer.add_scalar(f"eval/{k}", v, step)
+  sample_fn = None
+  batches = [0]
+
+  def stop(_):
+    batches[0] += 1
+    return signals.requested or (stop_after_batches is not None
+                                 and batches[0] >= stop_after_batches)
+
+  with _StopSignals() as signals:
+    for step in steps:
+      if step in done:
+        logging.info("Checkpoint %d already evaluated; skipping.", step)
+        continue
+      trainer.state = trainer.checkpoints.restore(step, trainer.state)
+      ckpt_dir = os.path.join(out_dir, f"ckpt_{step}")
+      parts_path = os.path.join(ckpt_dir, "parts.json")
+      parts = json.load(open(parts_path)) if os.path.exists(parts_path) else {}
+
+      def save_parts():
+        if jax.process_index() == 0:
+          os.makedirs(ckpt_dir, exist_ok=True)
+          _atomic_json(parts_path, parts)
+
+      ekey = jax.random.fold_in(key, step)
+      if config.eval.enable_loss and "test_loss" not in parts:
+        parts["test_loss"] = test_loss(trainer, ekey, config.eval.num_bpd_samples)
+        save_parts()
+      if config.eval.enable_bpd and "bpd" not in parts:
+        parts.update(bits_per_dim(trainer, ekey, config.eval.num_bpd_samples,
+                                  config.eval.bpd_repeats))
+        save_parts()
+      if fid:
+        if sample_fn is None:
+          sample_fn = image_eval.per_sample_sampler(
+              config, trainer.sde, trainer.shape, trainer.score_fn, trainer.inverse_scaler,
+              trainer.mesh)
+        per_seed = []
+        for s in range(opts.num_seeds):
+          name = f"seed_{s}"
+          if name not in parts:
+            try:
+              parts[name] = image_eval.sample_metrics(
+                  sample_fn, trainer.state.ema_params, feature_fn, reference,
+                  image_eval.per_seed_key(config, s), opts,
+                  os.path.join(ckpt_dir, f"{name}.npz"), trainer.mesh, stop=stop,
+                  resolution=int(config.data.image_size))
+            except image_eval.EvalInterrupted as e:
+              logging.warning("Eval of checkpoint %d interrupted (%s); rerun to resume.", step, e)
+              trainer.checkpoints.close()
+              if writer:
+                writer.close()
+              return records
+            save_parts()
+            logging.info("checkpoint %d seed %d: %s", step, s, parts[name])
+          per_seed.append(parts[name])
+        parts.update(image_eval.summarize_seeds(per_seed))
+      elif config.eval.enable_sampling and "sample_nfe" not in parts:
+        samples, nfe = trainer.sample(ekey, int(config.eval.num_samples))
+        parts["sample_nfe"] = nfe
+        parts.update(sample_quality(trainer, samples, ekey))
+      record = {"step": step}
+      record.update({k: v for k, v in parts.items() if not k.startswith("seed_")})
+      logging.info("eval %s", record)
+      records.append(record)
+      if jax.process_index() == 0:
+        _atomic_json(path, records)  # after each checkpoint: a preempted eval resumes here
+      if writer:
+        for k, v in record.items():
+          if k != "step" and isinstance(v, (int, float)):
+            writer.add_scalar(f"eval/{k}", v, step)
   if writer:
     writer.close()
   _bpd_figure(trainer, records, out_dir)

@@ -13,14 +13,14 @@ Typical use::
 """
 from score_sde.evaluation import inception, metrics, weights
 from score_sde.evaluation.inception import InceptionV3, get_inception_fn, init_inception
-from score_sde.evaluation.metrics import (FeatureStats, InceptionStats, frechet_distance,
+from score_sde.evaluation.metrics import (FeatureStats, InceptionStats, ISStats, frechet_distance,
                                           inception_score, kernel_inception_distance, load_stats,
                                           merge_stats, save_stats)
 from score_sde.evaluation.weights import load_inception_variables, read_torch_state_dict
 
 __all__ = [
     "inception", "metrics", "weights", "InceptionV3", "get_inception_fn", "init_inception",
-    "FeatureStats", "InceptionStats", "frechet_distance", "inception_score",
+    "FeatureStats", "InceptionStats", "ISStats", "frechet_distance", "inception_score",
     "kernel_inception_distance", "load_stats", "merge_stats", "save_stats",
     "load_inception_variables", "read_torch_state_dict",
 ]

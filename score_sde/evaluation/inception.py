@@ -42,7 +42,7 @@ Outputs: `pool_3` `[B, 2048]` (global average pool of Mixed_7c, the FID / KID fe
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -314,7 +314,20 @@ def feature_extractor_name(resize_method: str = "bilinear",
   return f"{FEATURE_EXTRACTOR}/pool_3/{resize_method}/{normalization}"
 
 
-def get_inception_fn(variables: dict[str, Any], resize: bool = True,
+@functools.partial(jax.jit, static_argnames=("size", "resize_method", "normalization",
+                                             "precision", "logits_bias"))
+def _features(variables, images, *, size, resize_method, normalization, precision, logits_bias):
+  """preprocess -> InceptionV3 -> {"pool_3", "logits"}; one module-level jit, so every feature
+  function with the same static options shares its compilations."""
+  x = preprocess(images, size, resize_method, normalization)
+  out = InceptionV3(precision=precision).apply(variables, x)
+  if not logits_bias:
+    kernel = variables["params"]["fc"]["kernel"]
+    out = dict(out, logits=jnp.dot(out["pool_3"], kernel, precision=precision))
+  return out
+
+
+def get_inception_fn(variables: dict[str, Any], resize: Union[bool, int] = True,
                      resize_method: str = "bilinear", normalization: str = "pytorch_fid",
                      precision: Any = "highest", logits_bias: bool = True
                      ) -> Callable[[Array], dict[str, Array]]:
@@ -323,10 +336,11 @@ def get_inception_fn(variables: dict[str, Any], resize: bool = True,
   variables: {"params", "batch_stats"} from `weights.load_inception_variables` (or
   `init_inception` for random weights). images: `[B, H, W, 1 | 3]`, uint8 in [0, 255] or float in
   [0, 1]. resize=True resizes to 299 (the standard protocol); resize=False feeds the images at
-  their own size (H, W >= 75). precision: conv / matmul precision ("highest" = true float32;
-  None = backend default, faster on GPU/TPU through TF32 / bf16 passes, slightly different FID).
+  their own size (H, W >= 75); an integer S >= 75 resizes to S x S (tests / smoke runs only: the
+  feature-extractor name then carries "/S", so its statistics never mix with 299 ones).
+  precision: conv / matmul precision ("highest" = true float32; None = backend default, faster on GPU/TPU through TF32 / bf16 passes, slightly different FID).
   logits_bias=False returns pool_3 @ W without the fc bias (the original IS code).
-  One compilation per input shape / dtype.
+  One compilation per input shape / dtype / sharding, shared by all feature functions.
   """
   if resize_method not in RESIZE_METHODS:
     raise ValueError(f"Unknown resize_method {resize_method!r}; use one of {RESIZE_METHODS}.")
@@ -335,16 +349,16 @@ def get_inception_fn(variables: dict[str, Any], resize: bool = True,
   missing = {"params", "batch_stats"} - set(variables)
   if missing:
     raise ValueError(f"variables must hold 'params' and 'batch_stats'; missing {sorted(missing)}.")
-  model = InceptionV3(precision=precision)
-
-  @jax.jit
-  def _features(variables, images):
-    x = preprocess(images, INCEPTION_SIZE if resize else None, resize_method, normalization)
-    out = model.apply(variables, x)
-    if not logits_bias:
-      kernel = variables["params"]["fc"]["kernel"]
-      out = dict(out, logits=jnp.dot(out["pool_3"], kernel, precision=precision))
-    return out
+  size = None
+  if resize is True:
+    size = INCEPTION_SIZE
+  elif resize is not False:
+    size = int(resize)
+    if size < 75:
+      raise ValueError(f"The Inception input size must be >= 75, got resize={resize}.")
+  features = functools.partial(_features, size=size, resize_method=resize_method,
+                               normalization=normalization, precision=precision,
+                               logits_bias=logits_bias)
 
   def inception_fn(images) -> dict[str, Array]:
     images = jnp.asarray(images)
@@ -352,7 +366,9 @@ def get_inception_fn(variables: dict[str, Any], resize: bool = True,
       raise ValueError(f"Images must be [B, H, W, 1 or 3] (NHWC), got shape {images.shape}.")
     if not resize and min(images.shape[1:3]) < 75:
       raise ValueError(f"resize=False needs H, W >= 75, got {images.shape[1:3]}.")
-    return _features(variables, images)
+    return features(variables, images)
 
   inception_fn.feature_extractor = feature_extractor_name(resize_method, normalization)
+  if size not in (None, INCEPTION_SIZE):
+    inception_fn.feature_extractor += f"/{size}"
   return inception_fn

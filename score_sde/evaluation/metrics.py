@@ -111,11 +111,11 @@ class FeatureStats(NamedTuple):
     return (self.sum_outer - n * np.outer(mu, mu)) / (n - 1)
 
 
-def merge_stats(*stats: FeatureStats) -> FeatureStats:
-  """Sum of several FeatureStats (shards of one feature set)."""
+def merge_stats(*stats):
+  """Sum of several FeatureStats (or ISStats) of shards of one feature set."""
   if not stats:
     raise ValueError("merge_stats needs at least one FeatureStats.")
-  return FeatureStats(*(sum(leaves) for leaves in zip(*stats)))
+  return type(stats[0])(*(sum(leaves) for leaves in zip(*stats)))
 
 
 # ------------------------------------------------------------------ statistics files
@@ -128,17 +128,21 @@ class InceptionStats:
   feature_extractor: e.g. `inception.feature_extractor_name()`; resolution: side of the images
   the features were computed from (before the resize to 299); count: number of images.
   Files without metadata (pytorch-fid's `.npz`) load with these set to None.
+  features: optional `[n, d]` float32 feature rows kept for KID (a subset of the images: KID
+  needs features, not moments); stored as `pool_3` in the file, like score_sde's statistics.
   """
   mu: np.ndarray
   sigma: np.ndarray
   count: Optional[int] = None
   feature_extractor: Optional[str] = None
   resolution: Optional[int] = None
+  features: Optional[np.ndarray] = None
 
   @classmethod
   def from_stats(cls, stats: FeatureStats, feature_extractor: Optional[str] = None,
-                 resolution: Optional[int] = None) -> "InceptionStats":
-    return cls(stats.mean, stats.cov, int(stats.count), feature_extractor, resolution)
+                 resolution: Optional[int] = None,
+                 features: Optional[np.ndarray] = None) -> "InceptionStats":
+    return cls(stats.mean, stats.cov, int(stats.count), feature_extractor, resolution, features)
 
   @classmethod
   def from_features(cls, features, feature_extractor: Optional[str] = None,
@@ -148,7 +152,7 @@ class InceptionStats:
 
 
 def save_stats(path: PathLike, stats: InceptionStats) -> Path:
-  """Write `stats` to an .npz (mu, sigma, count, feature_extractor, resolution).
+  """Write `stats` to an .npz (mu, sigma, count, feature_extractor, resolution[, pool_3]).
 
   Written to a temporary file in the same folder, then renamed over `path`: an existing file is
   replaced only by a complete new one, never left half-written.
@@ -167,6 +171,8 @@ def save_stats(path: PathLike, stats: InceptionStats) -> Path:
       meta["feature_extractor"] = np.str_(stats.feature_extractor)
     if stats.resolution is not None:
       meta["resolution"] = np.int64(stats.resolution)
+    if stats.features is not None:
+      meta["pool_3"] = np.asarray(stats.features, np.float32)
     np.savez(tmp, mu=np.asarray(stats.mu, np.float64), sigma=np.asarray(stats.sigma, np.float64),
              **meta)
     os.replace(tmp, path)
@@ -181,18 +187,20 @@ def load_stats(path: PathLike, feature_extractor: Optional[str] = None,
   """Read a statistics file, checking it was made with `feature_extractor` at `resolution`.
 
   Accepts our files, pytorch-fid's (mu, sigma) and score_sde's (`pool_3` features: mu and sigma
-  are computed from them). A mismatch with metadata stored in the file raises ValueError; files
-  without metadata cannot be checked and are accepted.
+  are computed from them; they are also returned as `features`, for KID). A mismatch with
+  metadata stored in the file raises ValueError; files without metadata cannot be checked and
+  are accepted.
   """
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"Statistics file {path} does not exist.")
   with np.load(path, allow_pickle=False) as f:
+    features = f["pool_3"].astype(np.float32) if "pool_3" in f else None
     if "mu" in f and "sigma" in f:
       mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
       count = int(f["count"]) if "count" in f else None
-    elif "pool_3" in f:
-      feats = f["pool_3"].astype(np.float64)
+    elif features is not None:
+      feats = features.astype(np.float64)
       mu, sigma, count = feats.mean(0), np.cov(feats, rowvar=False), feats.shape[0]
     else:
       raise ValueError(f"{path} holds neither mu/sigma nor pool_3 features (keys: {list(f)}).")
@@ -206,7 +214,7 @@ def load_stats(path: PathLike, feature_extractor: Optional[str] = None,
     raise ValueError(f"{path} holds statistics of {stored_res}x{stored_res} images, but the "
                      f"samples are {resolution}x{resolution}. Use the reference statistics of "
                      "the matching resolution.")
-  return InceptionStats(mu, sigma, count, stored_fx, stored_res)
+  return InceptionStats(mu, sigma, count, stored_fx, stored_res, features)
 
 
 def fid_from_stats(a: InceptionStats, b: InceptionStats) -> float:
@@ -247,6 +255,57 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     kl = np.sum(p * (log_p - log_pbar[None]), axis=1)
     scores.append(np.exp(kl.mean()))
   return float(np.mean(scores)), float(np.std(scores))
+
+
+class ISStats(NamedTuple):
+  """Mergeable sufficient statistics of the Inception Score over `splits` fixed chunks, float64.
+
+  For a run of N images, image i (its global index, not its arrival order) belongs to chunk
+  c(i) = max{c : c N // splits <= i} (rows [c N // splits, (c + 1) N // splits), as in
+  `inception_score`). Per chunk c, with p_i = softmax(logits_i):
+    plogp [splits]     = sum_{i in c} sum_k p_ik log p_ik,
+    p_sum [splits, K]  = sum_{i in c} p_i,
+    count [splits]     = |c|.
+  Then KL_c = plogp_c / n_c - sum_k pbar_ck log pbar_ck with pbar_c = p_sum_c / n_c, and
+  IS = (mean_c exp(KL_c), std_c exp(KL_c)): exactly `inception_score` of the full logits, from
+  pieces that add across batches, devices, hosts and resumed runs (`merge_stats` works on them).
+  """
+  plogp: np.ndarray
+  p_sum: np.ndarray
+  count: np.ndarray
+
+  @classmethod
+  def zeros(cls, splits: int = 10, num_classes: int = 1008) -> "ISStats":
+    return cls(np.zeros(splits, np.float64), np.zeros((splits, num_classes), np.float64),
+               np.zeros(splits, np.float64))
+
+  def update(self, logits, indices, total: int) -> "ISStats":
+    """Add logits `[B, K]` of the images with global indices `[B]` (rows with index >= total or
+    < 0 are padding and skipped) of a run of `total` images."""
+    logits = np.asarray(logits, np.float64)
+    indices = np.asarray(indices, np.int64)
+    keep = (indices >= 0) & (indices < total)
+    logits, indices = logits[keep], indices[keep]
+    splits = self.count.shape[0]
+    bounds = np.arange(splits + 1) * total // splits
+    chunk = np.searchsorted(bounds, indices, side="right") - 1
+    log_p = _log_softmax(logits) if len(logits) else logits
+    p = np.exp(log_p)
+    plogp = np.zeros(splits)
+    np.add.at(plogp, chunk, np.sum(p * log_p, axis=1))
+    p_sum = np.zeros_like(self.p_sum)
+    np.add.at(p_sum, chunk, p)
+    count = np.bincount(chunk, minlength=splits).astype(np.float64)
+    return ISStats(self.plogp + plogp, self.p_sum + p_sum, self.count + count)
+
+  def score(self) -> tuple[float, float]:
+    """(mean, std) of exp(KL_c) over the chunks."""
+    if np.any(self.count < 1):
+      raise ValueError(f"Every IS chunk needs at least one image; counts {self.count}.")
+    pbar = self.p_sum / self.count[:, None]
+    kl = self.plogp / self.count - np.sum(pbar * np.log(np.maximum(pbar, 1e-300)), axis=1)
+    scores = np.exp(kl)
+    return float(np.mean(scores)), float(np.std(scores))
 
 
 def mmd2_unbiased_poly(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: Optional[float] = None,
