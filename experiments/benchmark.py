@@ -46,6 +46,7 @@ flags.DEFINE_integer("sample_batch", 8, "Batch of the sampler and likelihood row
 flags.DEFINE_string("data_dir", None, "Directory with the MNIST idx files (optional).")
 flags.DEFINE_string("config", "configs/mnist/vp_continuous.py", "Config file of the U-Net.")
 flags.DEFINE_bool("exact", True, "Also time the samplers with the exact 784-d mixture score.")
+flags.DEFINE_bool("network", True, "Time the samplers and likelihood with the U-Net (slow on CPU).")
 
 
 def _peak_memory() -> dict:
@@ -162,9 +163,10 @@ def main(argv):
   else:
     x_data = trainer.scaler(np.random.default_rng(1).random(shape, dtype=np.float32))
   x_data = jnp.asarray(x_data, jnp.float32)
-  results["network"] = bench_samplers(trainer.sde, shape, trainer.score_fn(trainer.state.ema_params),
-                                      x_data, "net")
-  results["network"]["trained_steps"] = trained
+  if FLAGS.network:
+    results["network"] = bench_samplers(trainer.sde, shape,
+                                        trainer.score_fn(trainer.state.ema_params), x_data, "net")
+    results["network"]["trained_steps"] = trained
   if FLAGS.exact:
     from score_sde import analytic
     mixture = analytic.standard_mixture(dim=int(np.prod(trainer.shape)), num_components=4,

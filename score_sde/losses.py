@@ -24,7 +24,7 @@ shards the batch.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -346,21 +346,26 @@ def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module):
   return step_fn
 
 
-def get_multi_step_fn(step_fn, n: int):
+def get_multi_step_fn(step_fn, n: int, unroll: Optional[bool] = None):
   """``multi_step(state, batches [n, batch, ...]) -> (state, metrics)``: n updates in one lax.scan.
 
   Metrics are stacked, each ``[n]`` (one entry per update; average them for logging if wanted).
+  ``unroll`` (default: on the CPU backend only) unrolls the scan: XLA:CPU runs convolutions inside
+  a while loop more than 20x slower than outside one (measured on the MNIST U-Net, JAX 0.10), at
+  the price of an n-times larger program to compile.
   """
   n = int(n)
   if n < 1:
     raise ValueError(f"Number of jitted steps must be >= 1, got {n}.")
+  if unroll is None:
+    unroll = jax.default_backend() == "cpu"
 
   def multi_step_fn(state: TrainState, batches: Array):
     leading = {x.shape[0] for x in jax.tree.leaves(batches)}
     if leading != {n}:
       raise ValueError(f"Batches must be stacked as [n_steps={n}, batch, ...]; got leading sizes "
                        f"{sorted(leading)} (config.training.n_jitted_steps vs the data pipeline).")
-    return jax.lax.scan(step_fn, state, batches)
+    return jax.lax.scan(step_fn, state, batches, unroll=bool(unroll))
 
   return multi_step_fn
 
