@@ -169,8 +169,22 @@ class VPSDE(SDE):
     self.discrete_betas = np.linspace(beta_min / N, beta_max / N, N)
     self.alphas = 1.0 - self.discrete_betas
     self.alphas_cumprod = np.cumprod(self.alphas)
-    self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
-    self.sqrt_1m_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+    with np.errstate(invalid="ignore"):  # NaN when N < beta_max; check_ddpm_chain() says so
+      self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+      self.sqrt_1m_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+
+  def check_ddpm_chain(self) -> None:
+    """Raise unless the N-step DDPM chain is valid (every beta_i = beta(t_i) / N below 1).
+
+    The continuous SDE works for any N; the discrete chain (DDPM loss, discrete-time models,
+    ancestral and reverse-diffusion predictors) needs N >= beta_max.
+    """
+    if self.discrete_betas.max() > 1.0:
+      raise ValueError(
+          f"VPSDE(N={self.N}, beta_max={self.beta_1:g}) gives DDPM betas up to "
+          f"{self.discrete_betas.max():.3g} > 1, so the discrete chain is undefined; raise "
+          f"config.model.num_scales to at least {self.beta_1:g} or use continuous training / "
+          f"samplers.")
 
   def beta(self, t: Array) -> Array:
     return self.beta_0 + t * (self.beta_1 - self.beta_0)
@@ -203,6 +217,7 @@ class VPSDE(SDE):
 
   def discretize(self, x, t):
     """DDPM: x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z, i = round-down(t (N-1) / T)."""
+    self.check_ddpm_chain()
     timestep = self.discrete_index(t)
     beta = jnp.asarray(self.discrete_betas, x.dtype)[timestep]
     alpha = jnp.asarray(self.alphas, x.dtype)[timestep]

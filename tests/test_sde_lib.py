@@ -139,6 +139,20 @@ def test_bad_parameters_fail_early():
     sde_lib.get_sde(cfg)
 
 
+def test_vp_with_too_few_scales_keeps_the_sde_but_refuses_the_ddpm_chain():
+  """N < beta_max makes beta_i > 1: continuous use works, the discrete chain raises a message."""
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sde = sde_lib.VPSDE(N=6)
+  x = jnp.ones((2, 3))
+  mean, std = sde.marginal_prob(x, jnp.full((2,), 0.5))
+  assert np.isfinite(np.asarray(mean)).all() and np.isfinite(np.asarray(std)).all()
+  with pytest.raises(ValueError, match="num_scales to at least 20"):
+    sde.discretize(x, jnp.full((2,), 0.5))
+  sde_lib.VPSDE(N=20).check_ddpm_chain()  # beta_N = 1: alpha = 0, still a chain
+
+
 def test_analytic_mixture_score_is_grad_of_log_prob():
   from score_sde.analytic import GaussianMixture
   rng = np.random.default_rng(0)

@@ -93,6 +93,8 @@ def get_score_fn(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool = True):
         _, std = sde.marginal_coef(t)
         return -sde_lib.batch_mul(1.0 / std, model_fn(x, t * 999.0))
     else:
+      sde.check_ddpm_chain()
+
       def score_fn(x, t):
         labels = t * (sde.N - 1)
         std = jnp.asarray(sde.sqrt_1m_alphas_cumprod, x.dtype)[labels.astype(jnp.int32)]
