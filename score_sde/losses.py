@@ -347,23 +347,17 @@ def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module):
   return step_fn
 
 
-MAX_CPU_UNROLL = 8  # longest multi-step scan unrolled by default on CPU
-
-
-def get_multi_step_fn(step_fn, n: int, unroll: Optional[bool] = None):
+def get_multi_step_fn(step_fn, n: int, unroll: bool = False):
   """``multi_step(state, batches [n, batch, ...]) -> (state, metrics)``: n updates in one lax.scan.
 
   Metrics are stacked, each ``[n]`` (one entry per update; average them for logging if wanted).
-  ``unroll`` (default: on the CPU backend, for n <= MAX_CPU_UNROLL) unrolls the scan: XLA:CPU runs
-  convolutions inside a while loop more than 20x slower than outside one (measured on the MNIST
-  U-Net, JAX 0.10), at the price of an n-times larger program to compile. Long scans (the toy
-  configs' 50 steps of an MLP) stay rolled: compile time and memory would grow n-fold.
+  ``unroll=True`` unrolls the scan (an n-times larger program to compile). It is not needed for
+  speed on CPU: our networks use :mod:`score_sde.models.conv`, whose gradients XLA:CPU runs as
+  fast inside a loop as outside one.
   """
   n = int(n)
   if n < 1:
     raise ValueError(f"Number of jitted steps must be >= 1, got {n}.")
-  if unroll is None:
-    unroll = jax.default_backend() == "cpu" and n <= MAX_CPU_UNROLL
 
   def multi_step_fn(state: TrainState, batches: Array):
     leading = {x.shape[0] for x in jax.tree.leaves(batches)}

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from score_sde.models.conv import Conv
+
 Array = jax.Array
 Dtype = Any
 
@@ -64,7 +66,7 @@ def ncsn_conv1x1(x: Array, out_planes: int, stride: int = 1, bias: bool = True, 
                  init_scale: float = 1.0, dtype: Dtype = jnp.float32) -> Array:
   """1x1 conv with PyTorch initialization (NCSN / NCSNv2); created in the caller's scope."""
   kernel_init, bias_init = _ncsn_init(init_scale, (1, 1, x.shape[-1], out_planes))
-  return nn.Conv(out_planes, kernel_size=(1, 1), strides=(stride, stride), padding="SAME",
+  return Conv(out_planes, kernel_size=(1, 1), strides=(stride, stride), padding="SAME",
                  use_bias=bias, kernel_dilation=(dilation, dilation), kernel_init=kernel_init,
                  bias_init=bias_init, dtype=dtype)(x)
 
@@ -73,7 +75,7 @@ def ncsn_conv3x3(x: Array, out_planes: int, stride: int = 1, bias: bool = True, 
                  init_scale: float = 1.0, dtype: Dtype = jnp.float32) -> Array:
   """3x3 conv with PyTorch initialization (NCSN / NCSNv2); created in the caller's scope."""
   kernel_init, bias_init = _ncsn_init(init_scale, (3, 3, x.shape[-1], out_planes))
-  return nn.Conv(out_planes, kernel_size=(3, 3), strides=(stride, stride), padding="SAME",
+  return Conv(out_planes, kernel_size=(3, 3), strides=(stride, stride), padding="SAME",
                  use_bias=bias, kernel_dilation=(dilation, dilation), kernel_init=kernel_init,
                  bias_init=bias_init, dtype=dtype)(x)
 
@@ -81,7 +83,7 @@ def ncsn_conv3x3(x: Array, out_planes: int, stride: int = 1, bias: bool = True, 
 def ddpm_conv1x1(x: Array, out_planes: int, stride: int = 1, bias: bool = True, dilation: int = 1,
                  init_scale: float = 1.0, dtype: Dtype = jnp.float32) -> Array:
   """1x1 conv with DDPM initialization; created in the caller's scope (``Conv_i``)."""
-  return nn.Conv(out_planes, kernel_size=(1, 1), strides=(stride, stride), padding="SAME",
+  return Conv(out_planes, kernel_size=(1, 1), strides=(stride, stride), padding="SAME",
                  use_bias=bias, kernel_dilation=(dilation, dilation),
                  kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
                  dtype=dtype)(x)
@@ -90,7 +92,7 @@ def ddpm_conv1x1(x: Array, out_planes: int, stride: int = 1, bias: bool = True, 
 def ddpm_conv3x3(x: Array, out_planes: int, stride: int = 1, bias: bool = True, dilation: int = 1,
                  init_scale: float = 1.0, dtype: Dtype = jnp.float32) -> Array:
   """3x3 conv with DDPM initialization; created in the caller's scope (``Conv_i``)."""
-  return nn.Conv(out_planes, kernel_size=(3, 3), strides=(stride, stride), padding="SAME",
+  return Conv(out_planes, kernel_size=(3, 3), strides=(stride, stride), padding="SAME",
                  use_bias=bias, kernel_dilation=(dilation, dilation),
                  kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
                  dtype=dtype)(x)
@@ -388,7 +390,7 @@ class ConvMeanPool(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = nn.Conv(self.output_dim, (self.kernel_size, self.kernel_size), padding="SAME",
+    x = Conv(self.output_dim, (self.kernel_size, self.kernel_size), padding="SAME",
                 use_bias=self.biases, dtype=self.dtype)(x)
     return _mean_pool2(x)
 
@@ -402,7 +404,7 @@ class MeanPoolConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return nn.Conv(self.output_dim, (self.kernel_size, self.kernel_size), padding="SAME",
+    return Conv(self.output_dim, (self.kernel_size, self.kernel_size), padding="SAME",
                    use_bias=self.biases, dtype=self.dtype)(_mean_pool2(x))
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from score_sde.models import embeddings
+from score_sde.models.conv import Conv
 from score_sde.models.utils import register_model
 
 Array = jax.Array
@@ -43,11 +44,11 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, train: bool = False) -> Array:
-    h = nn.Conv(self.out_ch, (3, 3))(nn.silu(_group_norm(x.shape[-1])(x)))
+    h = Conv(self.out_ch, (3, 3))(nn.silu(_group_norm(x.shape[-1])(x)))
     h = h + nn.Dense(self.out_ch)(nn.silu(temb))[:, None, None, :]
     h = nn.silu(_group_norm(self.out_ch)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.zeros)(h)
+    h = Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.zeros)(h)
     if x.shape[-1] != self.out_ch:
       x = nn.Dense(self.out_ch)(x)  # 1x1 conv ("NIN") on the skip path
     return x + h
@@ -104,7 +105,7 @@ class SmallUNet(nn.Module):
       x = x / jnp.sqrt(1.0 + sigma**2)[:, None, None, None]
 
     # Downsampling path.
-    h = nn.Conv(nf, (3, 3))(x)
+    h = Conv(nf, (3, 3))(x)
     hs = [h]
     for level, mult in enumerate(ch_mult):
       for _ in range(num_res_blocks):
@@ -113,7 +114,7 @@ class SmallUNet(nn.Module):
           h = AttnBlock()(h)
         hs.append(h)
       if level != len(ch_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
+        h = Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
         hs.append(h)
 
     # Middle.
@@ -133,11 +134,11 @@ class SmallUNet(nn.Module):
         # Nearest-neighbour 2x upsampling as a broadcast (its gradient is a sum, not a scatter).
         h = jnp.broadcast_to(h[:, :, None, :, None, :], (B, hh, 2, ww, 2, C))
         h = h.reshape(B, 2 * hh, 2 * ww, C)
-        h = nn.Conv(nf * ch_mult[level - 1], (3, 3))(h)  # to the next level's width (cheaper)
+        h = Conv(nf * ch_mult[level - 1], (3, 3))(h)  # to the next level's width (cheaper)
     assert not hs
 
     h = nn.silu(_group_norm(h.shape[-1])(h))
-    out = nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
+    out = Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
     if ve and m.scale_by_sigma:
       out = out / sigma[:, None, None, None]
     return out

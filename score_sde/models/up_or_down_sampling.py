@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde.models import conv as conv_lib
+
 Array = jax.Array
 
 
@@ -104,7 +106,7 @@ def conv_downsample_2d(x: Array, w: Array, k: Optional[Sequence[float]] = None,
   kk = setup_kernel([1] * factor if k is None else k) * gain
   p = (kk.shape[0] - factor) + (kh - 1)
   x = upfirdn_2d(x, kk, pad0=(p + 1) // 2, pad1=p // 2)
-  return jax.lax.conv_general_dilated(
+  return conv_lib.conv_general_dilated(
       x, w.astype(x.dtype), window_strides=(factor, factor), padding="VALID",
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -148,7 +150,7 @@ class Conv2d(nn.Module):
     elif self.down:
       x = conv_downsample_2d(x, w, k=self.resample_kernel)
     else:
-      x = jax.lax.conv_general_dilated(x, w, window_strides=(1, 1), padding="SAME",
+      x = conv_lib.conv_general_dilated(x, w, window_strides=(1, 1), padding="SAME",
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
       b = self.param("bias", nn.initializers.zeros, (x.shape[-1],))

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde.models.conv import Conv
+
 Array = jax.Array
 
 # Kaiming normal, fan_out, gain 2 for conv kernels.
@@ -59,12 +61,12 @@ class WideResnetBlock(nn.Module):
     else:
       orig_x = x
       block_x = _norm_act(x, "init_bn")
-    block_x = nn.Conv(self.channels, (3, 3), tuple(self.strides), padding="SAME", use_bias=False,
+    block_x = Conv(self.channels, (3, 3), tuple(self.strides), padding="SAME", use_bias=False,
                       kernel_init=conv_kernel_init, name="conv1")(block_x)
     if temb is not None:
       block_x = block_x + nn.Dense(self.channels)(nn.swish(temb))[:, None, None, :]
     block_x = _norm_act(block_x, "bn_2")
-    block_x = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False,
+    block_x = Conv(self.channels, (3, 3), padding="SAME", use_bias=False,
                       kernel_init=conv_kernel_init, name="conv2")(block_x)
     return _output_add(block_x, orig_x)
 
@@ -100,7 +102,7 @@ class WideResnet(nn.Module):
     temb = GaussianFourierProjection(embedding_size=128, scale=16)(jnp.log(sigmas))
     temb = nn.Dense(128 * 4)(temb)
     temb = nn.Dense(128 * 4)(nn.swish(temb))
-    x = nn.Conv(16, (3, 3), padding="SAME", name="init_conv", kernel_init=conv_kernel_init,
+    x = Conv(16, (3, 3), padding="SAME", name="init_conv", kernel_init=conv_kernel_init,
                 use_bias=False)(x)
     k = self.channel_multiplier
     x = WideResnetGroup(self.blocks_per_group, 16 * k, activate_before_residual=True)(x, temb, train)

@@ -1,0 +1,74 @@
+"""The CPU-friendly convolution: same values and gradients as lax.conv_general_dilated."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from score_sde.models import conv as conv_lib
+
+CASES = [  # (spatial, kernel, strides, padding, dilation)
+    ((9, 8), (3, 3), (1, 1), "SAME", (1, 1)),
+    ((9, 8), (3, 3), (2, 2), "SAME", (1, 1)),
+    ((9, 7), (3, 2), (2, 3), "VALID", (1, 1)),
+    ((10, 10), (3, 3), (1, 1), "SAME", (2, 2)),
+    ((11, 9), (3, 3), (2, 1), ((2, 0), (1, 3)), (1, 2)),
+    ((8, 8), (1, 1), (2, 2), "SAME", (1, 1)),
+    ((13,), (4,), (3,), ((1, 2),), (1,)),
+]
+
+
+@pytest.mark.parametrize("spatial,kernel,strides,padding,dilation", CASES)
+def test_values_and_gradients_match_lax(spatial, kernel, strides, padding, dilation):
+  nd = len(spatial)
+  kx, kw, kc = jax.random.split(jax.random.PRNGKey(len(spatial) + sum(spatial)), 3)
+  x = jax.random.normal(kx, (3, *spatial, 4))
+  w = jax.random.normal(kw, (*kernel, 4, 5))
+  sp = "HWD"[:nd]
+  dn = ("N" + sp + "C", sp + "IO", "N" + sp + "C")
+
+  def loss(f, x, w):
+    y = f(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=dn)
+    return jnp.sum(jnp.sin(y) * jax.random.normal(kc, y.shape)), y
+
+  (l0, y0), g0 = jax.value_and_grad(lambda x, w: loss(lax.conv_general_dilated, x, w),
+                                    (0, 1), has_aux=True)(x, w)
+  (l1, y1), g1 = jax.value_and_grad(lambda x, w: loss(conv_lib.conv_general_dilated, x, w),
+                                    (0, 1), has_aux=True)(x, w)
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+  for a, b in zip(g1, g0):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_inside_a_scan_and_as_a_flax_conv():
+  """The flax wrapper keeps the parameter tree of nn.Conv; gradients inside lax.scan match."""
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  ours, ref = conv_lib.Conv(6, (3, 3), strides=(2, 2)), nn.Conv(6, (3, 3), strides=(2, 2))
+  params = ref.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(
+      jnp.shape, params)
+
+  def run(module):
+    def body(p, _):
+      g = jax.grad(lambda p: jnp.mean(jnp.tanh(module.apply(p, x)) ** 2))(p)
+      return jax.tree.map(lambda a, b: a - 0.1 * b, p, g), None
+    return jax.jit(lambda p: lax.scan(body, p, None, length=3)[0])(params)
+
+  for a, b in zip(jax.tree.leaves(run(ours)), jax.tree.leaves(run(ref))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_uncovered_cases_fall_back_to_lax():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 4))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 4))
+  dn = ("NHWC", "HWIO", "NHWC")
+  for kwargs in ({"feature_group_count": 4}, {"lhs_dilation": (2, 2)}):
+    ww = w if "feature_group_count" in kwargs else jnp.tile(w, (1, 1, 4, 1))
+    args = (x, ww, (1, 1), ((1, 1), (1, 1)))
+    np.testing.assert_array_equal(conv_lib.conv_general_dilated(*args, dimension_numbers=dn,
+                                                                **kwargs),
+                                  lax.conv_general_dilated(*args, dimension_numbers=dn, **kwargs))
