@@ -9,12 +9,14 @@ sampler configurations (its ``SAMPLER_CONFIGS``), same table, but the score is a
 
 What it does, in order (each step cached in ``--workdir``, so a rerun only samples again):
 
-  1. score model  trains the small U-Net of configs/mnist/vp_continuous.py (VP SDE, continuous DSM
-                  loss; ``--nf`` overrides its width, for tests) for ``--train_steps`` steps at batch
-                  ``--batch_size`` with the ordinary training loop (score_sde.train.Trainer), or
-                  resumes / reuses the checkpoint in ``<workdir>/score_model_*``. The training loss
-                  is logged; the last logged training loss and the DSM loss of the EMA model on
-                  held-out test images go into the JSON.
+  1. score model  trains the small U-Net of configs/mnist/vp_continuous.py (VP SDE, continuous
+                  DSM loss) for ``--train_steps`` steps at batch ``--batch_size`` with the ordinary
+                  training loop (score_sde.train.Trainer), or resumes / reuses the checkpoint in
+                  ``<workdir>/score_model_*``. ``--nf`` overrides the width (for tests),
+                  ``--warmup`` / ``--ema_rate`` the learning-rate warm-up and the EMA decay (the
+                  config's 1000 / 0.999 suit 20k+ steps, not a short CPU run). The training loss is
+                  logged; the last logged training loss and the DSM loss of the EMA model on
+                  ``--num_samples`` held-out test images go into the JSON.
   2. classifier   trains a small CNN MNIST classifier (flax; two conv layers, a ``--feature_dim``
                   ReLU layer, a linear read-out) with Adam for ``--classifier_steps`` steps on the
                   training split, reports its accuracy on the whole test split, and caches its
@@ -91,7 +93,7 @@ flags.DEFINE_string("workdir", "/tmp/score_sde_mnist_bench", "Cache of the score
                     "and the classifier parameters (reruns reuse them).")
 flags.DEFINE_integer("train_steps", 2000, "Training steps of the score model (multiple of 5).")
 flags.DEFINE_integer("batch_size", 32, "Training batch of the score model.")
-flags.DEFINE_integer("nf", None, "Override the U-Net width config.model.nf (default: the config's).")
+flags.DEFINE_integer("nf", None, "U-Net width config.model.nf (default: the config's, 32).")
 flags.DEFINE_integer("warmup", None, "Learning-rate warmup steps (default: the config's, 1000).")
 flags.DEFINE_float("ema_rate", None, "EMA decay of the sampled parameters (default: the config's, "
                    "0.999; a run of a few thousand steps wants less, e.g. 0.99).")
@@ -170,7 +172,7 @@ class Settings:
 # Data
 # ------------------------------------------------------------------------------------------------
 def mnist_config(s: Settings):
-  """configs/mnist/vp_continuous.py with the benchmark's data, batch, length and (optional) width."""
+  """configs/mnist/vp_continuous.py with the benchmark's data, batch, length and overrides."""
   config = vp_continuous.get_config()
   t = config.training
   n = int(t.n_jitted_steps)
@@ -289,12 +291,14 @@ def classifier_outputs(params: Any, feature_dim: int, images01: np.ndarray,
 
 
 def feature_fd(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-  """Frechet distance of Gaussians fitted (float64 mean, unbiased covariance) to two feature sets."""
+  """Frechet distance of the Gaussians fitted (float64 mean, unbiased covariance) to two feature
+  sets [n, d] (score_sde.evaluation.metrics.frechet_distance)."""
   a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
   return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
-def get_classifier(s: Settings, train_images: np.ndarray, train_labels: np.ndarray) -> tuple[Any, dict]:
+def get_classifier(s: Settings, train_images: np.ndarray,
+                   train_labels: np.ndarray) -> tuple[Any, dict]:
   """Trains the classifier, or loads it from ``<workdir>/classifier_*.msgpack``; (params, info)."""
   path = os.path.join(s.workdir, f"classifier_f{s.feature_dim}_steps{s.classifier_steps}"
                       f"_seed{s.seed}.msgpack")
@@ -351,7 +355,8 @@ def get_score_model(s: Settings, config):
   return trainer, params, info
 
 
-def make_score_fn(sde: sde_lib.SDE, model: nn.Module, params: Any) -> Callable[[Array, Array], Array]:
+def make_score_fn(sde: sde_lib.SDE, model: nn.Module,
+                  params: Any) -> Callable[[Array, Array], Array]:
   """score_fn(x, t) of the network (continuous VP convention; dropout off)."""
   return get_score_fn(sde, get_model_fn(model, params, train=False), continuous=True)
 
@@ -536,10 +541,12 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
   config = mnist_config(s)
   res: dict = {"settings": dataclasses.asdict(s), "nfes": list(s.nfes), "pc_nfes": list(s.pc_nfes),
                "ode_tols": list(s.ode_tols), "jax": jax.__version__,
-               "backend": jax.default_backend(), "results": {}}
+               "backend": jax.default_backend(), "results": {}, "phase_seconds": {}}
+  phase = res["phase_seconds"]
 
   # 1. score model
   trainer, params, res["model"] = get_score_model(s, config)
+  phase["score_model"] = round(time.time() - t_start, 1)
   model = trainer.model
   log(f"score model ready: step {res['model']['trained_steps']}, test DSM loss "
       f"{res['model']['test_dsm_loss']:.4f} ({res['model']['train_seconds']} s)")
@@ -564,6 +571,8 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
   res["fd_uniform_noise"] = feature_fd(classifier_outputs(clf, s.feature_dim, noise)[1], ref_feats)
   log(f"noise floor (real vs real, n={n}): FD {res['floor']['fd']:.4g}; "
       f"uniform noise vs real: FD {res['fd_uniform_noise']:.4g}")
+
+  phase["classifier_and_references"] = round(time.time() - t_start - sum(phase.values()), 1)
 
   # 3. samplers
   batch = min(s.sample_batch, n)
@@ -597,12 +606,15 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
     if s.out:  # rewritten after every sampler, so a cut run keeps its numbers
       _write_json(s.out, res)
 
+  phase["sampling"] = round(time.time() - t_start - sum(phase.values()), 1)
+
   # 4. bits/dim
   if s.num_bpd > 0:
     res["bpd"] = bits_per_dim(k_bpd, sde, model, params, test_x[bpd_idx], s.bpd_tol,
                               min(batch, s.num_bpd), bool(config.data.centered))
     log(f"bits/dim: {res['bpd']['bpd']:.3f} ({res['bpd']['nfe']:.0f} NFE, "
         f"{res['bpd']['seconds']} s)")
+  phase["bpd"] = round(time.time() - t_start - sum(phase.values()), 1)
   res["seconds"] = round(time.time() - t_start, 1)
   if s.out:
     _write_json(s.out, res)

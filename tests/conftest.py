@@ -14,6 +14,10 @@ for _name, _value in _FLAGS.items():
   if _name not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_name}={_value}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Same for numpy's OpenBLAS (the float64 2048x2048 eigh / SVD of every FID): the xdist workers are
+# spawned after this file is imported, so they and their subprocesses start with one BLAS thread.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+  os.environ.setdefault(_var, "1")
 
 import pathlib  # noqa: E402
 

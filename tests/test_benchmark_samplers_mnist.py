@@ -1,6 +1,6 @@
 """experiments/benchmark_samplers_mnist.py end to end with tiny settings on the real MNIST.
 
-20 training steps of a narrow U-Net (nf=8), a 40-step classifier, 32 samples, NFE {5, 10} for two
+20 training steps of a narrow U-Net (nf=8), a 20-step classifier, 32 samples, NFE {5, 10} for two
 samplers, bits/dim of 4 images at a loose tolerance: checks the plumbing and the JSON, not the
 numbers (the real run's numbers are in docs/samplers.md).
 """
@@ -32,7 +32,7 @@ def script():
 def test_tiny_run_writes_finite_results(script, mnist_dir, tmp_path):
   out, png = tmp_path / "res.json", tmp_path / "res.png"
   argv = ["benchmark_samplers_mnist", f"--data_dir={mnist_dir}", f"--workdir={tmp_path / 'wd'}",
-          "--train_steps=20", "--nf=8", "--classifier_steps=40", "--num_samples=32",
+          "--train_steps=20", "--nf=8", "--classifier_steps=20", "--num_samples=32",
           "--sample_batch=32", "--nfes=5,10", "--pc_nfes=", "--ode_tols=",
           "--samplers=ddim,dpm_solver++2M", "--num_bpd=4", "--bpd_tol=1e-2",
           f"--out={out}", f"--plot={png}"]
