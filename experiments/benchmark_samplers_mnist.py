@@ -75,6 +75,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from flax import serialization  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
 
 from configs.mnist import vp_continuous  # noqa: E402
 from experiments.benchmark_samplers import SAMPLER_CONFIGS, STOCHASTIC, table  # noqa: E402
@@ -93,6 +94,7 @@ flags.DEFINE_string("workdir", "/tmp/score_sde_mnist_bench", "Cache of the score
                     "and the classifier parameters (reruns reuse them).")
 flags.DEFINE_integer("train_steps", 2000, "Training steps of the score model (multiple of 5).")
 flags.DEFINE_integer("batch_size", 32, "Training batch of the score model.")
+flags.DEFINE_integer("train_devices", 0, "Train data-parallel on the first N devices (0: all).")
 flags.DEFINE_integer("nf", None, "U-Net width config.model.nf (default: the config's, 32).")
 flags.DEFINE_integer("warmup", None, "Learning-rate warmup steps (default: the config's, 1000).")
 flags.DEFINE_float("ema_rate", None, "EMA decay of the sampled parameters (default: the config's, "
@@ -122,6 +124,7 @@ class Settings:
   workdir: str = "/tmp/score_sde_mnist_bench"
   train_steps: int = 2000
   batch_size: int = 32
+  train_devices: int = 0
   nf: Optional[int] = None
   warmup: Optional[int] = None
   ema_rate: Optional[float] = None
@@ -141,21 +144,21 @@ class Settings:
 
   @classmethod
   def from_flags(cls) -> "Settings":
-    return cls(data_dir=FLAGS.data_dir, workdir=FLAGS.workdir, train_steps=FLAGS.train_steps,
-               batch_size=FLAGS.batch_size, nf=FLAGS.nf, warmup=FLAGS.warmup,
-               ema_rate=FLAGS.ema_rate, classifier_steps=FLAGS.classifier_steps,
-               feature_dim=FLAGS.feature_dim, num_samples=FLAGS.num_samples,
-               sample_batch=FLAGS.sample_batch, nfes=tuple(int(n) for n in FLAGS.nfes),
-               pc_nfes=tuple(int(n) for n in FLAGS.pc_nfes),
-               ode_tols=tuple(float(t) for t in FLAGS.ode_tols), samplers=tuple(FLAGS.samplers),
-               num_bpd=FLAGS.num_bpd, bpd_tol=FLAGS.bpd_tol, seed=FLAGS.seed, out=FLAGS.out,
-               plot=FLAGS.plot)
+    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(cls)}
+    values.update(nfes=tuple(int(n) for n in values["nfes"]),
+                  pc_nfes=tuple(int(n) for n in values["pc_nfes"]),
+                  ode_tols=tuple(float(t) for t in values["ode_tols"]),
+                  samplers=tuple(values["samplers"]))
+    return cls(**values)
 
   def check(self) -> None:
     """Raises ValueError on settings that cannot run (before any training or compiling)."""
     if self.train_steps < 5 or self.train_steps % 5:
       raise ValueError(f"--train_steps must be a positive multiple of 5 (the config's "
                        f"n_jitted_steps), got {self.train_steps}.")
+    if not 0 <= self.train_devices <= jax.device_count():
+      raise ValueError(f"--train_devices={self.train_devices} must lie in [0, "
+                       f"{jax.device_count()}] (0: all devices).")
     if self.num_samples < 2 or self.sample_batch < 1:
       raise ValueError("--num_samples must be >= 2 and --sample_batch >= 1.")
     if 2 * self.num_samples > 10000:
@@ -333,7 +336,11 @@ def get_score_model(s: Settings, config):
   from score_sde.train import Trainer
   workdir = os.path.join(s.workdir, f"score_model_nf{config.model.nf}_b{s.batch_size}"
                          f"_w{config.optim.warmup}_ema{config.model.ema_rate:g}_seed{s.seed}")
-  trainer = Trainer(config, workdir)
+  mesh = None
+  if s.train_devices:
+    mesh = jax.make_mesh((s.train_devices,), ("data",), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:s.train_devices])
+  trainer = Trainer(config, workdir, mesh=mesh)
   t0 = time.time()
   try:
     last = trainer.train()
@@ -349,9 +356,9 @@ def get_score_model(s: Settings, config):
   info = {"config": CONFIG_NAME, "nf": int(config.model.nf), "num_params": num_params,
           "trained_steps": step, "batch_size": s.batch_size, "lr": float(config.optim.lr),
           "warmup": int(config.optim.warmup), "ema_rate": float(config.model.ema_rate),
-          "train_loss": last.get("loss"),
-          "test_dsm_loss": test_loss, "train_seconds": round(seconds, 1),
-          "resumed_or_cached": not last or step > s.train_steps, "workdir": workdir}
+          "train_loss": last.get("loss"), "test_dsm_loss": test_loss,
+          "train_seconds": round(seconds, 1),  # this invocation's training (0-ish when reused)
+          "reused_checkpoint": not last, "workdir": workdir}
   return trainer, params, info
 
 
@@ -393,8 +400,9 @@ def draw_samples(sampler, takes_x_T: bool, sde: sde_lib.SDE, model: nn.Module, p
 
   One ``jax.jit`` of ``(params, key, x_T) -> (x, nfe)`` is compiled once (ahead of time, timed
   separately) and called per batch; batch i uses ``fold_in(key, i)`` and rows
-  [i * batch, (i + 1) * batch) of x_T. Returns (samples in model space, nfe per sample,
-  compile seconds, sampling seconds).
+  [i * batch, (i + 1) * batch) of x_T. Returns (samples in model space, nfe, compile seconds,
+  sampling seconds); nfe is the largest over the batches (the adaptive ODE reports the largest
+  over each batch's examples, which is what the batched solve spends).
   """
   if takes_x_T:
     def program(p, k, z):
@@ -484,12 +492,15 @@ def plot(res: dict, path: str) -> None:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(8, 5.5))
   markers = "osv^D<>ph*Xd"
+  colors = [plt.cm.tab10(k) for k in range(10)] + ["darkgoldenrod", "magenta", "lime"]
+  reference_colors = {"pc": "black", "ode": "dimgray"}
   for i, (label, r) in enumerate(res["results"].items()):
     rows = sorted([row for row in r["rows"] if row.get("fd") is not None], key=lambda x: x["nfe"])
     if rows:
       ls = ":" if r["sampler"] in ("pc", "ode") else "-"
       ax.plot([row["nfe"] for row in rows], [row["fd"] for row in rows], ls,
-              marker=markers[i % len(markers)], ms=4, lw=1.2, label=label)
+              marker=markers[i % len(markers)], ms=4, lw=1.2, label=label,
+              color=reference_colors.get(r["sampler"], colors[i % len(colors)]))
   ax.axhline(res["floor"]["fd"], color="k", ls="--", lw=1.0, label="floor (real vs real)")
   ax.set_xscale("log")
   ax.set_yscale("log")
