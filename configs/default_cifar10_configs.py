@@ -6,6 +6,8 @@ policy, snapshot sample count, ODE tolerances, mixed precision) with neutral def
 """
 import ml_collections
 
+from configs.default_image_eval import add_image_eval_fields
+
 
 def add_runtime_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Fields this framework reads beyond the reference schema (same names as the toy defaults)."""
@@ -28,17 +30,7 @@ def add_runtime_fields(config: ml_collections.ConfigDict) -> ml_collections.Conf
   evaluate.hutchinson_type = "rademacher"
   evaluate.rtol = 1e-5
   evaluate.atol = 1e-5
-  # FID / IS / KID of image samples (docs/evaluation.md)
-  evaluate.stats_path = None            # reference stats file; None: under <workdir>/fid_stats/
-  evaluate.fid_stats_split = "train"    # split --mode fid_stats summarizes
-  evaluate.inception_weights = None     # local .pth path; None: cache, else download
-  evaluate.inception_download = True    # False: never download (offline)
-  evaluate.inception_sha256 = "6726825d"  # checksum prefix of the weights file; None skips the check
-  evaluate.inception_size = 299         # Inception input side (299 = the standard protocol)
-  evaluate.num_seeds = 1                # 3: the 3-seed protocol (each seed, min and mean reported)
-  evaluate.kid_num_features = 10000     # samples / reference rows kept for KID
-  evaluate.is_splits = 10
-  evaluate.progress_secs = 300.0        # save mid-checkpoint progress this often
+  add_image_eval_fields(evaluate)         # FID / IS / KID of image samples
   config.data.data_dir = None
   config.model.dtype = "float32"                # 'bfloat16': bf16 compute, f32 params / output
   return config

@@ -4,6 +4,8 @@ Every field users touch is documented in docs/configs.md. Variants in configs/to
 """
 import ml_collections
 
+from configs.default_image_eval import add_image_eval_fields
+
 
 def get_default_configs() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -54,17 +56,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.hutchinson_type = "exact"  # exact trace is cheap in 2-D
   evaluate.rtol = 1e-5
   evaluate.atol = 1e-5
-  # FID / IS / KID of image samples (docs/evaluation.md)
-  evaluate.stats_path = None            # reference stats file; None: under <workdir>/fid_stats/
-  evaluate.fid_stats_split = "train"    # split --mode fid_stats summarizes
-  evaluate.inception_weights = None     # local .pth path; None: cache, else download
-  evaluate.inception_download = True    # False: never download (offline)
-  evaluate.inception_sha256 = "6726825d"  # checksum prefix of the weights file; None skips the check
-  evaluate.inception_size = 299         # Inception input side (299 = the standard protocol)
-  evaluate.num_seeds = 1                # 3: the 3-seed protocol (each seed, min and mean reported)
-  evaluate.kid_num_features = 10000     # samples / reference rows kept for KID
-  evaluate.is_splits = 10
-  evaluate.progress_secs = 300.0        # save mid-checkpoint progress this often
+  add_image_eval_fields(evaluate)         # FID / IS / KID of image samples
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = "gmm"               # gmm | checkerboard | swiss_roll | rings

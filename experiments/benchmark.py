@@ -22,7 +22,6 @@ noise does, so pass real data for the sampling rows). Prints a table and writes 
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -35,6 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+from score_sde.utils import write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "benchmarks/out/spine.json", "Where to write the JSON results.")
@@ -174,9 +175,7 @@ def main(argv):
     x_exact = mixture.sample(jax.random.PRNGKey(3), FLAGS.sample_batch)
     results["exact"] = bench_samplers(trainer.sde, shape, mixture.score_fn(trainer.sde), x_exact,
                                       "exact")
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(results, f, indent=1)
+  write_json(FLAGS.out, results)
   print(f"wrote {FLAGS.out}")
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from score_sde import analytic, metrics, sde_lib
 from score_sde.sampling import available_samplers, get_sampler
+from score_sde.utils import write_json
 
 # label -> (registry name, options). NFE is added per run ('pc' takes it as the SDE's N; 'ode'
 # is adaptive and swept over tolerances instead).
@@ -293,9 +294,7 @@ def main(argv=None):
         print(f"wrote {path}", flush=True)
       if args.out:  # rewrite after every run so partial runs keep their numbers
         out["seconds"] = round(time.time() - t_start, 1)
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-          json.dump(out, f, indent=1)
+        write_json(args.out, out)
   return out
 
 

@@ -83,6 +83,7 @@ from score_sde import datasets, likelihood, sde_lib  # noqa: E402
 from score_sde.evaluation.metrics import frechet_distance  # noqa: E402
 from score_sde.models import get_model_fn, get_score_fn  # noqa: E402
 from score_sde.sampling import available_samplers, get_sampler  # noqa: E402
+from score_sde.utils import write_json  # noqa: E402
 
 Array = jax.Array
 CONFIG_NAME = "configs/mnist/vp_continuous.py"
@@ -480,7 +481,7 @@ def fd_table(res: dict) -> str:
   results = {label: dict(r, rows=[row for row in r["rows"] if row.get("fd") is not None])
              for label, r in res["results"].items()}
   lines = table({"results": results, "floor": {}}, cols, "fd").split("\n")
-  lines.append(f"| *floor (real vs real)* | " + " | ".join(f"{res['floor']['fd']:.3g}"
+  lines.append("| *floor (real vs real)* | " + " | ".join(f"{res['floor']['fd']:.3g}"
                                                           for _ in cols) + " |")
   return "\n".join(lines)
 
@@ -516,13 +517,6 @@ def plot(res: dict, path: str) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)
-
-
-def _write_json(path: str, obj: dict) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
 
 
 def summary(res: dict) -> str:
@@ -615,7 +609,7 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
                              "stochastic": label in STOCHASTIC or name == "pc"}
     res["seconds"] = round(time.time() - t_start, 1)
     if s.out:  # rewritten after every sampler, so a cut run keeps its numbers
-      _write_json(s.out, res)
+      write_json(s.out, res)
 
   phase["sampling"] = round(time.time() - t_start - sum(phase.values()), 1)
 
@@ -628,7 +622,7 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
   phase["bpd"] = round(time.time() - t_start - sum(phase.values()), 1)
   res["seconds"] = round(time.time() - t_start, 1)
   if s.out:
-    _write_json(s.out, res)
+    write_json(s.out, res)
     log(f"wrote {s.out}")
   log("\nFrechet distance in classifier features (NOT FID) to held-out test images:\n"
       + fd_table(res) + "\n\n" + summary(res) + f"\n\ntotal {res['seconds']} s")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -44,6 +43,7 @@ import numpy as np
 
 from score_sde import metrics, sde_lib
 from score_sde.sampling import get_sampler
+from score_sde.utils import write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_samplers import mixture_source  # noqa: E402  (same mixtures as the benchmark)
@@ -264,16 +264,14 @@ def main(argv=None):
                   log=lambda s: print(s, flush=True))
     res["summary"] = summary(res)
     out["dims"][str(dim)] = res
-    print(f"\n| d | NFE | our best | energy | diffusers best | energy | floor | ours <= theirs |")
+    print("\n| d | NFE | our best | energy | diffusers best | energy | floor | ours <= theirs |")
     print("|---|---|---|---|---|---|---|---|")
     for r in res["summary"]:
       print(f"| {dim} | {r['nfe']} | {r['ours_best']} | {r['ours_energy']:.3g} | "
             f"{r['diffusers_best']} | {r['diffusers_energy']:.3g} | {r['floor_energy']:.3g} | "
             f"{'yes' if r['ours_at_least_as_accurate'] else 'NO'} |", flush=True)
     if args.out:
-      os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-      with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+      write_json(args.out, out)
   return out
 
 

@@ -28,7 +28,7 @@ from absl import logging
 
 from score_sde import datasets, likelihood, metrics
 from score_sde.train import Trainer, _summary_writer
-from score_sde.utils import data_shape
+from score_sde.utils import data_shape, write_json
 
 
 def _load(config, workdir: str, step: Optional[int] = None) -> tuple[Trainer, int]:
@@ -169,7 +169,7 @@ def run_eval(config, workdir: str, inception_variables=None,
       def save_parts():
         if jax.process_index() == 0:
           os.makedirs(ckpt_dir, exist_ok=True)
-          _atomic_json(parts_path, parts)
+          write_json(parts_path, parts)
 
       ekey = jax.random.fold_in(key, step)
       if config.eval.enable_loss and "test_loss" not in parts:
@@ -213,7 +213,7 @@ def run_eval(config, workdir: str, inception_variables=None,
       logging.info("eval %s", record)
       records.append(record)
       if jax.process_index() == 0:
-        _atomic_json(path, records)  # after each checkpoint: a preempted eval resumes here
+        write_json(path, records)  # after each checkpoint: a preempted eval resumes here
       if writer:
         for k, v in record.items():
           if k != "step" and isinstance(v, (int, float)):
@@ -275,8 +275,3 @@ def run_sample(config, workdir: str, step: Optional[int] = None) -> str:
   return out_dir
 
 
-def _atomic_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)

@@ -24,7 +24,7 @@ shards the batch.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn

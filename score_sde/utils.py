@@ -1,6 +1,10 @@
 """Small helpers shared across the library."""
 from __future__ import annotations
 
+import json
+import os
+from typing import Any
+
 
 def data_shape(config) -> tuple[int, ...]:
   """Shape of one example: ``(dim,)`` for vector (toy) data, ``(H, W, C)`` for images.
@@ -12,3 +16,13 @@ def data_shape(config) -> tuple[int, ...]:
   if data.get("dim", None):
     return (int(data.dim),)
   return (int(data.image_size), int(data.image_size), int(data.num_channels))
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Write ``obj`` as JSON to ``path`` atomically (temp file + rename), creating its directory:
+  a reader, or a run killed mid-write, sees the old file or the new one, never half of one."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)

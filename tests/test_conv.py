@@ -1,5 +1,4 @@
 """The CPU-friendly convolution: same values and gradients as lax.conv_general_dilated."""
-import itertools
 
 import jax
 import jax.numpy as jnp

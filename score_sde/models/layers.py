@@ -11,7 +11,6 @@ in float32; they are cast to ``dtype`` where used.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
