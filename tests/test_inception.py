@@ -8,9 +8,7 @@ F.interpolate bilinear align_corners=False, 2x - 1) is compared with our Flax ne
 conversion.
 """
 import collections
-import io
 import pickle
-import struct
 import zipfile
 
 import flax
@@ -21,101 +19,14 @@ import numpy as np
 import pytest
 
 from score_sde.evaluation import inception, weights
+# The hand-made .pth writer (tests/torch_pth.py, shared with the checkpoint-import tests).
+from torch_pth import G as _G
+from torch_pth import Rebuild as _Rebuild
+from torch_pth import Storage as _Storage
+from torch_pth import Tensor as _Tensor
+from torch_pth import write_pth as _write_pth
 
-# ------------------------------------------------------------------ a hand-made .pth writer
-
-
-class _G:
-  """A global reference `module.name`, pickled as a GLOBAL opcode (no torch import needed)."""
-  def __init__(self, module, name):
-    self.module, self.name = module, name
-
-  def __call__(self, *args):
-    raise NotImplementedError
-
-
-class _Storage:
-  def __init__(self, key, array):
-    self.key, self.array = key, np.ascontiguousarray(array).ravel()
-
-  @property
-  def type_name(self):
-    if self.array.dtype == ml_dtypes.bfloat16:
-      return "BFloat16Storage"
-    return {np.float32: "FloatStorage", np.float64: "DoubleStorage", np.float16: "HalfStorage",
-            np.int64: "LongStorage", np.int32: "IntStorage", np.uint8: "ByteStorage",
-            np.bool_: "BoolStorage"}[self.array.dtype.type]
-
-
-class _Tensor:
-  def __init__(self, storage, offset, size, stride, as_parameter=False):
-    self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
-    self.as_parameter = as_parameter
-
-  def expected(self):
-    """Element-by-element strided read, independent of the reader's as_strided."""
-    out = np.empty(self.size, self.storage.array.dtype)
-    for idx in np.ndindex(*self.size):
-      out[idx] = self.storage.array[self.offset + sum(i * s for i, s in zip(idx, self.stride))]
-    return out
-
-  def __reduce__(self):
-    args = (self.storage, self.offset, tuple(self.size), tuple(self.stride), False,
-            collections.OrderedDict())
-    rebuilt = _Rebuild(_G("torch._utils", "_rebuild_tensor_v2"), args)
-    if self.as_parameter:
-      return (_G("torch._utils", "_rebuild_parameter"), (rebuilt, True, collections.OrderedDict()))
-    return rebuilt.__reduce__()
-
-
-class _Rebuild:
-  def __init__(self, func, args):
-    self.func, self.args = func, args
-
-  def __reduce__(self):
-    return (self.func, self.args)
-
-
-class _TorchPickler(pickle._Pickler):
-  def __init__(self, file, legacy):
-    super().__init__(file, protocol=2)
-    self.legacy, self.storages = legacy, {}
-
-  def persistent_id(self, obj):
-    if isinstance(obj, _Storage):
-      self.storages[obj.key] = obj
-      pid = ("storage", _G("torch", obj.type_name), obj.key, "cpu", obj.array.size)
-      return pid + (None,) if self.legacy else pid
-    return None
-
-  def save(self, obj, save_persistent_id=True):
-    if isinstance(obj, _G):
-      self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-      return
-    super().save(obj, save_persistent_id)
-
-
-def _write_pth(path, obj, legacy=False):
-  buf = io.BytesIO()
-  pickler = _TorchPickler(buf, legacy)
-  pickler.dump(obj)
-  if legacy:
-    with open(path, "wb") as f:
-      for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
-        pickle.dump(header, f, protocol=2)
-      f.write(buf.getvalue())
-      keys = sorted(pickler.storages)
-      pickle.dump(keys, f, protocol=2)
-      for key in keys:
-        arr = pickler.storages[key].array
-        f.write(struct.pack("<q", arr.size) + arr.tobytes())
-    return
-  with zipfile.ZipFile(path, "w") as zf:
-    zf.writestr("archive/data.pkl", buf.getvalue())
-    zf.writestr("archive/byteorder", "little")
-    for key, st in pickler.storages.items():
-      zf.writestr(f"archive/data/{key}", st.array.tobytes())
-    zf.writestr("archive/version", "3\n")
+# ------------------------------------------------------------------ the Inception in torch layout
 
 
 def _torch_layout(variables):
@@ -179,7 +90,7 @@ def test_conversion_round_trip_and_shape_errors(tmp_path):
   variables = inception.init_inception(seed=1)
   sd = _torch_layout(variables)
   assert len(sd) == 4 * 94 + 94 + 2    # 94 BasicConv2d (conv + 4 BN tensors) + fc
-  storages, tensors = {}, collections.OrderedDict()
+  tensors = collections.OrderedDict()
   for i, (k, v) in enumerate(sd.items()):
     strides = tuple(int(np.prod(v.shape[j + 1:])) for j in range(v.ndim))
     tensors[k] = _Tensor(_Storage(str(i), v), 0, v.shape, strides)
