@@ -1,15 +1,20 @@
-"""Import a released score_sde (JAX / Flax) checkpoint into a workdir of this framework.
+"""Import a released score_sde (JAX / Flax) or score_sde_pytorch (.pth) checkpoint into a workdir.
 
   python experiments/import_checkpoint.py --config configs/ve/cifar10_ncsnpp_continuous.py \
       --checkpoint /ckpts/ve/cifar10_ncsnpp_continuous/checkpoint_24 --workdir runs/ncsnpp
+  python experiments/import_checkpoint.py --config configs/vp/cifar10_ddpmpp_continuous.py \
+      --checkpoint /ckpts/pytorch/vp/cifar10_ddpmpp_continuous/checkpoint_8.pth --workdir runs/ddpmpp
   python experiments/main.py --config configs/ve/cifar10_ncsnpp_continuous.py \
       --workdir runs/ncsnpp --mode sample
 
-The checkpoint (a ``checkpoint_<N>`` file, or a directory: its newest) is checked against the
-config's network, and a mismatch names the first differing parameter path. The imported state is
-written as a kept orbax snapshot at the checkpoint's training step (``--step`` to choose), holding
-the raw and EMA parameters, the Adam moments and the step; ``--noema`` makes sampling / evaluation
-use the raw weights. ``experiments/main.py --import_checkpoint=...`` does the same in one call.
+The checkpoint (a ``checkpoint_<N>`` / ``checkpoint_<N>.pth`` file, or a directory: its newest) is
+recognized as JAX or PyTorch by its content and checked against the config's network, and a
+mismatch names the first differing parameter path (PyTorch: the first differing
+``module.all_modules.<i>...`` key). The imported state is written as a kept orbax snapshot at the
+checkpoint's training step (``--step`` to choose), holding the raw and EMA parameters, the Adam
+moments and the step; ``--noema`` makes sampling / evaluation use the raw weights.
+``experiments/main.py --import_checkpoint=...`` does the same in one call. PyTorch checkpoints are
+supported for NCSN++ / DDPM++ (``ncsnpp``) and DDPM (``ddpm``); see docs/networks.md.
 """
 import os
 import sys
@@ -22,9 +27,11 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config the checkpoint was trained with.",
                                 lock_config=True)
-flags.DEFINE_string("checkpoint", None, "checkpoint_<N> file or a directory of them.")
+flags.DEFINE_string("checkpoint", None, "checkpoint_<N> (JAX) or checkpoint_<N>.pth "
+                    "(score_sde_pytorch) file, or a directory of them.")
 flags.DEFINE_string("workdir", None, "Workdir to write the orbax checkpoint into.")
-flags.DEFINE_bool("ema", True, "Sample / evaluate with params_ema (else the optimizer target).")
+flags.DEFINE_bool("ema", True, "Sample / evaluate with the EMA weights (params_ema; PyTorch: "
+                  "ema.shadow_params), else the raw ones (optimizer target; PyTorch: model).")
 flags.DEFINE_integer("step", None, "Step to save at (default: the checkpoint's training step).")
 flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 

@@ -7,8 +7,9 @@
 --mode: train | eval | sample | all (train, then eval, then sample; the default) | fid_stats
 (reference Inception statistics of config.eval.fid_stats_split, written to config.eval.stats_path
 or <workdir>/fid_stats/<dataset>_<split>_<size>.npz; see docs/evaluation.md).
---import_checkpoint=/path/to/checkpoint_26 first writes a released score_sde (JAX) checkpoint into
---workdir (score_sde/checkpoint_import.py; see docs/networks.md), e.g.
+--import_checkpoint=/path/to/checkpoint_26 first writes a released score_sde (JAX) checkpoint, or a
+score_sde_pytorch checkpoint_<N>.pth, into --workdir (score_sde/checkpoint_import.py; see
+docs/networks.md), e.g.
 
   python experiments/main.py --config configs/vp/cifar10_ddpmpp_continuous.py --workdir runs/vp \
       --mode sample --import_checkpoint=/ckpts/vp/cifar10_ddpmpp_continuous/checkpoint_26
@@ -34,10 +35,11 @@ flags.DEFINE_enum("mode", "all", ["train", "eval", "sample", "all", "fid_stats",
                   "guidance, checkpoints in <workdir>/classifier; docs/controllable.md).")
 flags.DEFINE_integer("checkpoint", None, "Step of the checkpoint to sample from (default: newest).")
 flags.DEFINE_string("import_checkpoint", None,
-                    "A released score_sde JAX checkpoint (file, or directory of checkpoint_<N>) to "
-                    "import into --workdir before running --mode.")
+                    "A released score_sde JAX checkpoint or score_sde_pytorch .pth (file, or "
+                    "directory of checkpoint_<N>[.pth]) to import into --workdir before running "
+                    "--mode.")
 flags.DEFINE_bool("import_ema", True, "With --import_checkpoint: sample / evaluate with the EMA "
-                  "weights (params_ema); false: the raw optimizer target.")
+                  "weights (params_ema / PyTorch ema); false: the raw weights.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for multi-process runs (see score_sde/distributed.py).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")

@@ -19,6 +19,11 @@ Adam moments, step) as an orbax checkpoint of this framework, so ``experiments/m
 sample / eval`` (and fine-tuning with ``--mode train``) run from it;
 ``experiments/import_checkpoint.py`` is its command line. :func:`import_classifier_checkpoint`
 loads the noise-conditional Wide-ResNet used for class-conditional sampling.
+
+Checkpoints of the official PyTorch port (score_sde_pytorch ``checkpoint_<N>.pth``, ``torch.save``
+of ``{'optimizer', 'model', 'ema', 'step'}``) go through the same three functions: a file is
+recognized as PyTorch by its content (zip with ``data.pkl``, or the legacy magic number) and
+converted by :mod:`score_sde.checkpoint_import_torch` (NCSN++ / DDPM++ and DDPM; no PyTorch needed).
 """
 from __future__ import annotations
 
@@ -34,31 +39,45 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 __all__ = ["read_state_dict", "select_params", "fit_params", "model_param_shapes",
            "import_checkpoint", "import_classifier_checkpoint", "import_to_workdir",
-           "latest_checkpoint", "reference_state_dict"]
+           "latest_checkpoint", "is_torch_checkpoint", "reference_state_dict"]
 
 
 def latest_checkpoint(path: str) -> str:
-  """``path`` itself if a file, else the ``checkpoint_<N>`` with the largest ``N`` in ``path``."""
+  """``path`` itself if a file, else the ``checkpoint_<N>`` (JAX) or ``checkpoint_<N>.pth``
+  (score_sde_pytorch) file with the largest ``N`` in ``path``."""
   if os.path.isfile(path):
     return path
   if not os.path.isdir(path):
     raise FileNotFoundError(f"No checkpoint file or directory at {path!r}.")
   found = [(int(m.group(1)), f) for f in os.listdir(path)
-           if (m := re.fullmatch(r"checkpoint_(\d+)", f))]
+           if (m := re.fullmatch(r"checkpoint_(\d+)(?:\.pth)?", f))
+           and os.path.isfile(os.path.join(path, f))]
   if not found:
-    raise FileNotFoundError(f"No 'checkpoint_<N>' files in {path!r}.")
+    raise FileNotFoundError(f"No 'checkpoint_<N>' files (nor 'checkpoint_<N>.pth') in {path!r}.")
   return os.path.join(path, max(found)[1])
+
+
+def is_torch_checkpoint(path: str) -> bool:
+  """Whether ``path`` (a file, or a directory: its newest checkpoint) was written by ``torch.save``
+  (score_sde_pytorch) rather than flax msgpack; decided by the file's content."""
+  from score_sde.checkpoint_import_torch import is_torch_checkpoint as is_torch
+  return is_torch(latest_checkpoint(path))
 
 
 def read_state_dict(path: str) -> dict:
   """The raw nested state dict of a flax msgpack checkpoint file (or newest in a directory)."""
-  with open(latest_checkpoint(path), "rb") as f:
+  path = latest_checkpoint(path)
+  if is_torch_checkpoint(path):
+    raise ValueError(f"{path!r} is a PyTorch (score_sde_pytorch) checkpoint, not flax msgpack: "
+                     "load it with import_checkpoint / import_to_workdir, or read it with "
+                     "score_sde.checkpoint_import_torch.read_torch_checkpoint.")
+  with open(path, "rb") as f:
     data = f.read()
   try:
     state = flax.serialization.msgpack_restore(data)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"{path!r} is not a flax msgpack checkpoint ({type(e).__name__}: {e}). "
-                     "score_sde_pytorch '.pth' files are not supported.") from e
+    raise ValueError(f"{path!r} is not a flax msgpack checkpoint ({type(e).__name__}: {e}), nor "
+                     "a PyTorch (score_sde_pytorch '.pth') one.") from e
   if not isinstance(state, dict):
     raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict.")
   return state
@@ -128,11 +147,17 @@ def fit_params(template: Mapping[str, Any], loaded: Mapping[str, Any],
 
 
 def import_checkpoint(path: str, config, ema: bool = True) -> dict:
-  """Loads a score_sde JAX checkpoint for ``config`` (file or directory of ``checkpoint_<N>``).
+  """Loads a score_sde JAX checkpoint or a score_sde_pytorch ``.pth`` checkpoint for ``config``
+  (a file, or a directory: its newest ``checkpoint_<N>`` / ``checkpoint_<N>.pth``).
 
   Returns ``{'params': params, 'step': int | None}`` with ``params`` fitting
   ``get_model(config.model.name)(config=config)``; EMA weights unless ``ema=False``.
   """
+  path = latest_checkpoint(path)
+  if is_torch_checkpoint(path):
+    from score_sde.checkpoint_import_torch import load_torch_checkpoint
+    ckpt = load_torch_checkpoint(path, config)
+    return {"params": _torch_select(ckpt, ema), "step": ckpt.step}
   state = read_state_dict(path)
   loaded = select_params(state, ema=ema)
   params = fit_params(model_param_shapes(config), loaded,
@@ -182,6 +207,39 @@ def _adam_moments(state: Mapping[str, Any]) -> Optional[tuple[dict, dict]]:
   return unflatten_dict(mu), unflatten_dict(nu)
 
 
+def _torch_select(ckpt, ema: bool) -> dict:
+  """EMA or raw parameters of a :class:`score_sde.checkpoint_import_torch.TorchCheckpoint`."""
+  if not ema:
+    return ckpt.params
+  if ckpt.ema_params is None:
+    raise ValueError("Checkpoint has no 'ema'; pass ema=False (--noema) to load the raw 'model' "
+                     "weights.")
+  return ckpt.ema_params
+
+
+def _checkpoint_parts(config, path: str, ema: bool) -> tuple[dict, dict, Optional[tuple], int]:
+  """(raw params, params for sampling, Adam (mu, nu) or None, training step) of a JAX or
+  PyTorch checkpoint, each tree checked against the config's network."""
+  what = f"model {config.model.name!r} of this config"
+  path = latest_checkpoint(path)
+  if is_torch_checkpoint(path):
+    from score_sde.checkpoint_import_torch import load_torch_checkpoint
+    ckpt = load_torch_checkpoint(path, config)
+    return (ckpt.params, _torch_select(ckpt, ema), ckpt.adam,
+            0 if ckpt.step is None else ckpt.step)
+  state_dict = read_state_dict(path)
+  has_target = "target" in state_dict.get("optimizer", {})
+  template = model_param_shapes(config)
+  raw = fit_params(template, select_params(state_dict, ema=not has_target), what=what)
+  averaged = fit_params(template, select_params(state_dict, ema=ema), what=what)
+  trained = int(np.asarray(state_dict["step"])) if "step" in state_dict else 0
+  moments = _adam_moments(state_dict)
+  if moments is not None:
+    moments = (fit_params(template, moments[0], what=f"{what} (Adam grad_ema)"),
+               fit_params(template, moments[1], what=f"{what} (Adam grad_sq_ema)"))
+  return raw, averaged, moments, trained
+
+
 def _transplant_adam(opt_state: Any, mu: Any, nu: Any, count: int) -> Any:
   """``opt_state`` (an optax chain) with Adam's first / second moments set to ``mu`` / ``nu`` and
   every step counter (Adam bias correction, learning-rate schedule) set to ``count``."""
@@ -204,15 +262,17 @@ def _transplant_adam(opt_state: Any, mu: Any, nu: Any, count: int) -> Any:
 
 def import_to_workdir(config, path: str, workdir: str, ema: bool = True,
                       step: Optional[int] = None) -> int:
-  """Writes a score_sde JAX checkpoint into ``workdir`` as this framework's orbax checkpoint.
+  """Writes a score_sde JAX or score_sde_pytorch checkpoint into ``workdir`` as this framework's
+  orbax checkpoint.
 
-  The train state (:class:`score_sde.losses.TrainState`) gets ``params = optimizer/target``,
-  ``ema_params = params_ema`` (the weights sampling and evaluation use; with ``ema=False`` the raw
-  target instead), the Adam moments and step counters when the checkpoint has them (so ``--mode
+  The train state (:class:`score_sde.losses.TrainState`) gets ``params = optimizer/target`` (PyTorch:
+  ``model``), ``ema_params = params_ema`` (PyTorch: ``ema.shadow_params``; the weights sampling and
+  evaluation use; with ``ema=False`` the raw weights instead), the Adam moments (PyTorch:
+  ``exp_avg`` / ``exp_avg_sq``) and step counters when the checkpoint has them (so ``--mode
   train`` can fine-tune from it; their counters are the checkpoint's training step), and is saved
-  as a kept snapshot at ``step`` (default: the checkpoint's training step). Every tree is checked against the config's network first
-  (:func:`fit_params`); nothing is compiled. Returns the step. An existing checkpoint at that step
-  is kept (warning), not overwritten.
+  as a kept snapshot at ``step`` (default: the checkpoint's training step). Every tree is checked
+  against the config's network first (:func:`fit_params`); nothing is compiled. Returns the step.
+  An existing checkpoint at that step is kept (warning), not overwritten.
   """
   from absl import logging
   from score_sde import losses
@@ -220,21 +280,13 @@ def import_to_workdir(config, path: str, workdir: str, ema: bool = True,
   from score_sde.config_validation import validate_config
   from score_sde.models import utils as mutils
   validate_config(config)
-  state_dict = read_state_dict(path)
-  has_target = "target" in state_dict.get("optimizer", {})
-  what = f"model {config.model.name!r} of this config"
-  template = model_param_shapes(config)
-  raw = fit_params(template, select_params(state_dict, ema=not has_target), what=what)
-  averaged = fit_params(template, select_params(state_dict, ema=ema), what=what)
-  trained = int(np.asarray(state_dict["step"])) if "step" in state_dict else 0
+  raw, averaged, moments, trained = _checkpoint_parts(config, path, ema)
   step = trained if step is None else int(step)
   model = mutils.get_model(config.model.name)(config=config)
   state = losses.init_train_state(config, model, {"params": raw},
                                   jax.random.PRNGKey(int(config.seed)))
-  moments = _adam_moments(state_dict)
   if moments is not None:
-    mu = fit_params(template, moments[0], what=f"{what} (Adam grad_ema)")
-    nu = fit_params(template, moments[1], what=f"{what} (Adam grad_sq_ema)")
+    mu, nu = moments
   else:
     mu = nu = jax.tree.map(jnp.zeros_like, raw)
   state = state.replace(step=jnp.asarray(step, state.step.dtype), ema_params=averaged,
