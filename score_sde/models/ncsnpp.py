@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from score_sde.models import layers, layerspp
+from score_sde.models import layers, layerspp, scan
 from score_sde.models.utils import register_model
 
 Array = jax.Array
@@ -60,6 +60,9 @@ def check_ncsnpp_config(config) -> None:
 class NCSNpp(nn.Module):
   """NCSN++ / DDPM++ U-Net (see module docstring)."""
   config: ml_collections.ConfigDict
+  # Run identically shaped consecutive blocks as one lax.scan (same values and parameter tree,
+  # a much smaller program to compile); False unrolls every block.
+  scan_blocks: bool = True
 
   def __post_init__(self):
     check_ncsnpp_config(self.config)
@@ -128,15 +131,21 @@ class NCSNpp(nn.Module):
       x = 2 * x - 1.0  # data in [0, 1] -> [-1, 1]
     x = x.astype(dtype)
 
-    # Downsampling path.
+    def down_step(mods, h, _):  # a residual block, then attention at attn_resolutions
+      h = mods[0](h, temb, train)
+      return mods[1](h) if len(mods) > 1 else h
+
+    def up_step(mods, h, skip):  # a residual block on [h, skip connection]
+      return mods[0](jnp.concatenate([h, skip], axis=-1), temb, train)
+
+    # Downsampling path. Runs of identical blocks execute as one lax.scan (score_sde.models.scan).
     input_pyramid = x if progressive_input != "none" else None
     hs = [conv3x3(x, nf)]
     for i_level in range(num_resolutions):
-      for _ in range(num_res_blocks):
-        h = ResnetBlock(out_ch=nf * ch_mult[i_level])(hs[-1], temb, train)
-        if h.shape[1] in attn_resolutions:
-          h = AttnBlock()(h)
-        hs.append(h)
+      with_attn = hs[-1].shape[1] in attn_resolutions  # res blocks keep the resolution
+      units = [(ResnetBlock(out_ch=nf * ch_mult[i_level]),) + ((AttnBlock(),) if with_attn else ())
+               for _ in range(num_res_blocks)]
+      hs.extend(scan.apply_units(self, units, down_step, hs[-1], scan=self.scan_blocks))
       if i_level != num_resolutions - 1:
         if resblock_type == "ddpm":
           h = Downsample()(hs[-1])
@@ -159,9 +168,9 @@ class NCSNpp(nn.Module):
     # Upsampling path.
     pyramid = None
     for i_level in reversed(range(num_resolutions)):
-      for _ in range(num_res_blocks + 1):
-        h = ResnetBlock(out_ch=nf * ch_mult[i_level])(
-            jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
+      units = [(ResnetBlock(out_ch=nf * ch_mult[i_level]),) for _ in range(num_res_blocks + 1)]
+      skips = [hs.pop() for _ in units]
+      h = scan.apply_units(self, units, up_step, h, skips, scan=self.scan_blocks)[-1]
       if h.shape[1] in attn_resolutions:
         h = AttnBlock()(h)
       if progressive != "none":
