@@ -539,53 +539,85 @@ def summary(res: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # The benchmark
 # ------------------------------------------------------------------------------------------------
-def run(s: Settings, log: Callable[[str], None] = print) -> dict:
-  """Runs steps 1-4 of the module docstring; returns the JSON-able result (also written)."""
+@dataclasses.dataclass
+class Prepared:
+  """Steps 1-2 of the module docstring: the score model and the quality measure."""
+  config: Any
+  trainer: Any
+  params: Any                # single-device EMA parameters of the score model
+  clf: Any                   # feature-classifier parameters
+  ref_feats: np.ndarray      # classifier features of the --num_samples reference test images
+  test_x: np.ndarray         # uint8 test images
+  bpd_idx: np.ndarray        # indices of the --num_bpd bits/dim test images
+  info: dict                 # JSON entries: model, classifier, floor, fd_uniform_noise
+
+  @property
+  def model(self) -> nn.Module:
+    return self.trainer.model
+
+  def fd(self, s: Settings, x_model: np.ndarray) -> float:
+    """Classifier-feature FD of samples in model space against the reference images."""
+    images = quantize(np.asarray(self.trainer.inverse_scaler(x_model)))
+    return feature_fd(classifier_outputs(self.clf, s.feature_dim, images)[1], self.ref_feats)
+
+
+def prepare(s: Settings, log: Callable[[str], None] = print) -> Prepared:
+  """Trains / reuses the score model and the classifier; reference features and noise floor."""
   s.check()
-  t_start = time.time()
   config = mnist_config(s)
-  res: dict = {"settings": dataclasses.asdict(s), "nfes": list(s.nfes), "pc_nfes": list(s.pc_nfes),
-               "ode_tols": list(s.ode_tols), "jax": jax.__version__,
-               "backend": jax.default_backend(), "results": {}, "phase_seconds": {}}
-  phase = res["phase_seconds"]
-
-  # 1. score model
-  trainer, params, res["model"] = get_score_model(s, config)
-  phase["score_model"] = round(time.time() - t_start, 1)
-  model = trainer.model
-  log(f"score model ready: step {res['model']['trained_steps']}, test DSM loss "
-      f"{res['model']['test_dsm_loss']:.4f} ({res['model']['train_seconds']} s)")
-
-  # 2. classifier and the reference feature sets
+  info: dict = {}
+  trainer, params, info["model"] = get_score_model(s, config)
+  log(f"score model ready: step {info['model']['trained_steps']}, test DSM loss "
+      f"{info['model']['test_dsm_loss']:.4f} ({info['model']['train_seconds']} s)")
   train_x, train_y = load_split(config, "train")
   test_x, test_y = load_split(config, "test")
-  clf, res["classifier"] = get_classifier(s, train_x, train_y)
+  clf, info["classifier"] = get_classifier(s, train_x, train_y)
   logits, test_feats = classifier_outputs(clf, s.feature_dim, to_unit(test_x))
-  res["classifier"]["test_accuracy"] = float(np.mean(np.argmax(logits, -1) == test_y))
-  log(f"classifier: test accuracy {100 * res['classifier']['test_accuracy']:.2f}% "
-      f"({res['classifier']['seconds']} s{', cached' if res['classifier']['cached'] else ''})")
-  if res["classifier"]["test_accuracy"] < 0.97:
+  info["classifier"]["test_accuracy"] = float(np.mean(np.argmax(logits, -1) == test_y))
+  log(f"classifier: test accuracy {100 * info['classifier']['test_accuracy']:.2f}% "
+      f"({info['classifier']['seconds']} s{', cached' if info['classifier']['cached'] else ''})")
+  if info["classifier"]["test_accuracy"] < 0.97:
     log("WARNING: classifier test accuracy below 97%; raise --classifier_steps.")
   rng = np.random.default_rng(s.seed)
   perm = rng.permutation(len(test_x))
   n = s.num_samples
   ref_idx, floor_idx, bpd_idx = perm[:n], perm[n:2 * n], perm[:s.num_bpd]
   ref_feats = test_feats[ref_idx]
-  res["floor"] = {"fd": feature_fd(test_feats[floor_idx], ref_feats)}
+  info["floor"] = {"fd": feature_fd(test_feats[floor_idx], ref_feats)}
   noise = quantize(rng.uniform(size=(n,) + test_x.shape[1:]))
-  res["fd_uniform_noise"] = feature_fd(classifier_outputs(clf, s.feature_dim, noise)[1], ref_feats)
-  log(f"noise floor (real vs real, n={n}): FD {res['floor']['fd']:.4g}; "
-      f"uniform noise vs real: FD {res['fd_uniform_noise']:.4g}")
+  info["fd_uniform_noise"] = feature_fd(classifier_outputs(clf, s.feature_dim, noise)[1],
+                                        ref_feats)
+  log(f"noise floor (real vs real, n={n}): FD {info['floor']['fd']:.4g}; "
+      f"uniform noise vs real: FD {info['fd_uniform_noise']:.4g}")
+  return Prepared(config=config, trainer=trainer, params=params, clf=clf, ref_feats=ref_feats,
+                  test_x=test_x, bpd_idx=bpd_idx, info=info)
 
-  phase["classifier_and_references"] = round(time.time() - t_start - sum(phase.values()), 1)
+
+def prior_noise(s: Settings, sde: sde_lib.SDE, batch: int) -> tuple[np.ndarray, Array, Array]:
+  """(x_T [n_batches * batch, 28, 28, 1], sampling key, bits/dim key): the same for every run
+  with the same seed, --num_samples and batch."""
+  k_T, k_sample, k_bpd = jax.random.split(jax.random.PRNGKey(s.seed), 3)
+  n_batches = math.ceil(s.num_samples / batch)
+  return np.asarray(sde.prior_sampling(k_T, (n_batches * batch, 28, 28, 1))), k_sample, k_bpd
+
+
+def run(s: Settings, log: Callable[[str], None] = print) -> dict:
+  """Runs steps 1-4 of the module docstring; returns the JSON-able result (also written)."""
+  t_start = time.time()
+  prep = prepare(s, log)
+  config, params, model = prep.config, prep.params, prep.model
+  res: dict = {"settings": dataclasses.asdict(s), "nfes": list(s.nfes), "pc_nfes": list(s.pc_nfes),
+               "ode_tols": list(s.ode_tols), "jax": jax.__version__,
+               "backend": jax.default_backend(), "results": {}, "phase_seconds": {}, **prep.info}
+  res["phase_seconds"]["score_model_and_classifier"] = round(time.time() - t_start, 1)
+  phase = res["phase_seconds"]
+  n = s.num_samples
+  test_x, bpd_idx = prep.test_x, prep.bpd_idx
 
   # 3. samplers
   batch = min(s.sample_batch, n)
-  n_batches = math.ceil(n / batch)
-  key = jax.random.PRNGKey(s.seed)
-  k_T, k_sample, k_bpd = jax.random.split(key, 3)
   sde = sde_lib.get_sde(config)
-  x_T = np.asarray(sde.prior_sampling(k_T, (n_batches * batch, 28, 28, 1)))
+  x_T, k_sample, k_bpd = prior_noise(s, sde, batch)
   for label, name, options, settings in sampler_grid(s):
     rows = []
     for v in settings:
@@ -598,8 +630,7 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict:
                                               k_sample, batch)
       x = x[:n]
       finite = np.isfinite(x.reshape(n, -1)).all(1)
-      images = quantize(np.asarray(trainer.inverse_scaler(x)))
-      fd = feature_fd(classifier_outputs(clf, s.feature_dim, images)[1], ref_feats)
+      fd = prep.fd(s, x)
       rows.append({"setting": v, "nfe": nfe, "fd": fd if np.isfinite(fd) else None,
                    "finite": bool(finite.all()), "nonfinite_samples": int((~finite).sum()),
                    "compile_seconds": round(t_compile, 2), "seconds": round(t_run, 2)})

@@ -70,8 +70,21 @@ OURS = {
 }
 
 
-def reference_configs():
-  """label -> (diffusers scheduler class name, constructor kwargs)."""
+# Stochastic samplers (compared on the network score, where they are the best of ours).
+OURS_STOCHASTIC = {
+    "dpm_solver++2M-SDE": ("dpm_solver_pp", dict(order=2, eta=1.0)),
+    "dpm_solver++2M-SDE +denoise": ("dpm_solver_pp", dict(order=2, eta=1.0, denoise=True)),
+    "dpm_solver++2M-SDE time_uniform": ("dpm_solver_pp", dict(order=2, eta=1.0,
+                                                             schedule="time_uniform")),
+    "dpm_solver++2M-SDE edm": ("dpm_solver_pp", dict(order=2, eta=1.0, schedule="edm")),
+    "dpm_solver++3M-SDE": ("dpm_solver_pp", dict(order=3, eta=1.0)),
+    "ddim eta=1": ("ddim", dict(eta=1.0)),
+}
+
+
+def reference_configs(stochastic: bool = False):
+  """label -> (diffusers scheduler class name, constructor kwargs); ``stochastic`` adds the
+  ancestral / SDE schedulers (DPM-Solver++(2M) SDE, Euler ancestral, DDPM)."""
   out = {}
   for spacing in ("linspace", "leading", "trailing"):
     sp = dict(timestep_spacing=spacing)
@@ -106,6 +119,16 @@ def reference_configs():
     out[f"Euler karras [{spacing}]"] = ("EulerDiscreteScheduler", dict(sp, use_karras_sigmas=True))
     out[f"Heun [{spacing}]"] = ("HeunDiscreteScheduler", dict(sp))
     out[f"Heun karras [{spacing}]"] = ("HeunDiscreteScheduler", dict(sp, use_karras_sigmas=True))
+    if stochastic:
+      for order in (2, 3):
+        out[f"DPMSolverMultistep sde-dpmsolver++ {order}M [{spacing}]"] = (
+            "DPMSolverMultistepScheduler", dict(sp, algorithm_type="sde-dpmsolver++",
+                                                solver_order=order))
+      out[f"DPMSolverMultistep sde-dpmsolver++ 2M karras [{spacing}]"] = (
+          "DPMSolverMultistepScheduler", dict(sp, algorithm_type="sde-dpmsolver++", solver_order=2,
+                                              use_karras_sigmas=True))
+      out[f"EulerAncestral [{spacing}]"] = ("EulerAncestralDiscreteScheduler", dict(sp))
+      out[f"DDPM [{spacing}]"] = ("DDPMScheduler", dict(sp, clip_sample=False))
   return out
 
 
@@ -114,12 +137,12 @@ def _steps_for(cls_name: str, nfe: int) -> int:
   return (nfe + 1) // 2 if cls_name == "HeunDiscreteScheduler" else nfe
 
 
-class ExactEpsModel:
-  """The exact epsilon-prediction of the mixture at the scheduler's current noise level."""
+class EpsModel:
+  """diffusers "network": the epsilon-prediction -sigma * score(x, t(s)) of a ``score_fn`` (the
+  exact mixture score, or a trained network's) at the scheduler's current noise level s."""
 
-  def __init__(self, source, sde: sde_lib.SDE, torch):
+  def __init__(self, score, sde: sde_lib.SDE, torch):
     self.torch, self.calls = torch, 0
-    score = source.score_fn(sde)
 
     @jax.jit
     def eps(x, log_snr):
@@ -129,7 +152,7 @@ class ExactEpsModel:
     self._eps = eps
 
   def edm_sigma(self, sched, t) -> float:
-    if type(sched).__name__ == "DDIMScheduler":
+    if getattr(sched, "sigmas", None) is None:  # DDIM / DDPM: indexed by the training timestep
       abar = float(sched.alphas_cumprod[int(t)])
       return math.sqrt((1 - abar) / abar)
     idx = sched.step_index if sched.step_index is not None else 0
@@ -142,14 +165,17 @@ class ExactEpsModel:
     return self.torch.from_numpy(np.asarray(out, np.float32).copy())
 
 
-def run_reference(diffusers, torch, cls_name: str, kwargs: dict, nfe: int, model: ExactEpsModel,
-                  x_T: np.ndarray) -> tuple[np.ndarray, int]:
+def run_reference(diffusers, torch, cls_name: str, kwargs: dict, nfe: int, model: EpsModel,
+                  x_T: np.ndarray, sde: sde_lib.VPSDE, seed: int = 0) -> tuple[np.ndarray, int]:
+  """One diffusers scheduler from x_T; its betas are the DDPM discretization of ``sde``."""
   cls = getattr(diffusers, cls_name)
-  sched = cls(num_train_timesteps=N_TRAIN, beta_start=0.1 / N_TRAIN, beta_end=20.0 / N_TRAIN,
+  sched = cls(num_train_timesteps=N_TRAIN, beta_start=sde.beta_0 / N_TRAIN,
+              beta_end=sde.beta_1 / N_TRAIN,
               beta_schedule="linear", prediction_type="epsilon", **kwargs)
   sched.set_timesteps(_steps_for(cls_name, nfe))
   x = torch.from_numpy(np.asarray(x_T, np.float32).copy()) * sched.init_noise_sigma
   model.calls = 0
+  torch.manual_seed(seed)  # the noise of stochastic schedulers
   for t in sched.timesteps:
     x_in = sched.scale_model_input(x, t)
     eps = model(sched, x_in, t)
@@ -174,7 +200,7 @@ def compare(dim: int, nfes, num_samples: int, seed: int, diffusers, torch, log=p
       f"sliced W {floor['sliced_w']:.3g}")
   x_T = sde.prior_sampling(k_T, shape)
   score_fn = source.score_fn(sde)
-  model = ExactEpsModel(source, sde, torch)
+  model = EpsModel(score_fn, sde, torch)
   res = {"floor": floor, "num_samples": num_samples, "data_shape": list(source.data_shape),
          "ours": {}, "diffusers": {}}
   for nfe in nfes:
@@ -193,7 +219,8 @@ def compare(dim: int, nfes, num_samples: int, seed: int, diffusers, torch, log=p
     for label, (cls_name, kwargs) in reference_configs().items():
       t0 = time.time()
       try:
-        x, used = run_reference(diffusers, torch, cls_name, kwargs, nfe, model, np.asarray(x_T))
+        x, used = run_reference(diffusers, torch, cls_name, kwargs, nfe, model, np.asarray(x_T),
+                                sde)
       except Exception as e:  # a diffusers config that does not run at this NFE
         log(f"  diffusers {label} @ {nfe}: failed ({type(e).__name__}: {e})")
         continue

@@ -16,6 +16,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_script():
+  if "benchmark_samplers_mnist" in sys.modules:  # absl flags can be defined only once
+    return sys.modules["benchmark_samplers_mnist"]
   spec = importlib.util.spec_from_file_location(
       "benchmark_samplers_mnist", REPO / "experiments" / "benchmark_samplers_mnist.py")
   module = importlib.util.module_from_spec(spec)

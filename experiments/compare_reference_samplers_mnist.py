@@ -1,0 +1,168 @@
+"""Our fast samplers vs Hugging Face ``diffusers`` on the score of a *trained network* (MNIST).
+
+The network-score companion of ``experiments/compare_reference_samplers.py`` (which uses the exact
+score of a Gaussian mixture). Everything about the model and the quality measure is
+``experiments/benchmark_samplers_mnist.py``'s: the same U-Net of configs/mnist/vp_continuous.py
+(trained, or reused from ``--workdir``), the same self-trained MNIST classifier, the same Frechet
+distance in its features to held-out test images (**not FID**), the same noise floor, and the
+same prior noise x_T for every sampler (``prior_noise``). With the same flags as a
+``benchmark_samplers_mnist`` run, the numbers of the two scripts are directly comparable.
+
+How diffusers is driven: exactly as in ``compare_reference_samplers`` (its ``EpsModel``,
+``run_reference`` and grid of scheduler settings ``reference_configs``): the schedulers are built
+with the DDPM betas that discretize the config's VP SDE and get the network's epsilon-prediction
+-sigma * s_theta(x, t(s)) at the noise level they integrate at. Our side runs the configurations
+of ``compare_reference_samplers.OURS``. For each NFE the best of each side is compared.
+
+  python experiments/compare_reference_samplers_mnist.py --data_dir /path/to/mnist \
+      --workdir /tmp/mnist_bench --train_steps 1000 --warmup 100 --ema_rate 0.99 \
+      --num_samples 256 --sample_batch 128 --nfes 10,20 \
+      --out docs/results/samplers_vs_diffusers_mnist.json
+
+Needs ``torch`` and ``diffusers`` (benchmark-only); without them it prints a message and exits 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark_samplers_mnist as bench  # noqa: E402  (defines the shared flags)
+import compare_reference_samplers as ref  # noqa: E402
+
+from score_sde import sde_lib  # noqa: E402
+from score_sde.sampling import get_sampler  # noqa: E402
+from score_sde.utils import write_json  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("only", [], "Run only the labels (ours and theirs) containing one of these "
+                  "substrings.")
+DEFAULT_OUT = "docs/results/samplers_vs_diffusers_mnist.json"
+
+
+def _fd_row(prep: bench.Prepared, s: bench.Settings, x: np.ndarray, nfe: int,
+            seconds: float) -> Optional[dict]:
+  x = x[:s.num_samples]
+  if not np.all(np.isfinite(x)):
+    return None
+  return {"nfe": int(nfe), "fd": prep.fd(s, x), "seconds": round(seconds, 2)}
+
+
+def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (),
+            log: Callable[[str], None] = print) -> dict:
+  """Both sides at every NFE of ``s.nfes``; returns the JSON-able result."""
+  keep = (lambda label: any(w in label for w in only)) if only else (lambda label: True)
+  prep = bench.prepare(s, log)
+  sde = sde_lib.get_sde(prep.config)
+  if not isinstance(sde, sde_lib.VPSDE) or isinstance(sde, sde_lib.subVPSDE):
+    raise ValueError("diffusers' schedulers discretize a VP SDE; the MNIST config must use one.")
+  batch = min(s.sample_batch, s.num_samples)
+  x_T, k_sample, _ = bench.prior_noise(s, sde, batch)
+  eps_model = ref.EpsModel(bench.make_score_fn(sde, prep.model, prep.params), sde, torch)
+  res = {"settings": dataclasses.asdict(s), "diffusers": diffusers.__version__,
+         "torch": torch.__version__, "jax": jax.__version__, **prep.info, "ours": {},
+         "reference": {}}
+  shape = (batch, 28, 28, prep.config.data.num_channels)
+  for nfe in s.nfes:
+    ours, theirs = {}, {}
+    for label, (name, options) in {**ref.OURS, **ref.OURS_STOCHASTIC}.items():
+      if not keep(label):
+        continue
+      try:
+        sampler = get_sampler(name, sde, shape, nfe=nfe, **options)
+      except ValueError as e:
+        log(f"  ours {label} @ {nfe}: skipped ({e})")
+        continue
+      x, used, _, seconds = bench.draw_samples(sampler, True, sde, prep.model, prep.params, x_T,
+                                               k_sample, batch)
+      row = _fd_row(prep, s, x, used, seconds)
+      if row is None:
+        log(f"  ours {label} @ {nfe}: non-finite samples")
+        continue
+      ours[label] = row
+      log(f"  ours      {label:38s} nfe={used:3d}  FD={row['fd']:8.4g}")
+    for label, (cls_name, kwargs) in ref.reference_configs(stochastic=True).items():
+      if not keep(label):
+        continue
+      t0 = time.time()
+      try:
+        parts, used = [], 0
+        for i in range(0, len(x_T), batch):
+          x, n = ref.run_reference(diffusers, torch, cls_name, kwargs, nfe, eps_model,
+                                   x_T[i:i + batch], sde, seed=s.seed * 1000 + i)
+          parts.append(x)
+          used = max(used, n)
+      except Exception as e:  # pylint: disable=broad-except  # a setting that cannot run here
+        log(f"  diffusers {label} @ {nfe}: failed ({type(e).__name__}: {e})")
+        continue
+      if used > nfe:
+        raise AssertionError(f"{label} spent {used} > {nfe} model calls")
+      row = _fd_row(prep, s, np.concatenate(parts), used, time.time() - t0)
+      if row is None:
+        log(f"  diffusers {label} @ {nfe}: non-finite samples")
+        continue
+      theirs[label] = row
+      log(f"  diffusers {label:38s} nfe={used:3d}  FD={row['fd']:8.4g}")
+    res["ours"][str(nfe)], res["reference"][str(nfe)] = ours, theirs
+    if s.out:
+      write_json(s.out, res)
+  res["summary"] = summary(res)
+  return res
+
+
+def summary(res: dict) -> list[dict]:
+  """Per NFE: the best configuration of each side and whether ours is at least as good."""
+  out = []
+  for nfe, ours in res["ours"].items():
+    theirs = res["reference"][nfe]
+    if not ours or not theirs:
+      continue
+    best_o = min(ours, key=lambda k: ours[k]["fd"])
+    best_t = min(theirs, key=lambda k: theirs[k]["fd"])
+    out.append({"nfe": int(nfe), "ours_best": best_o, "ours_fd": ours[best_o]["fd"],
+                "diffusers_best": best_t, "diffusers_fd": theirs[best_t]["fd"],
+                "floor_fd": res["floor"]["fd"],
+                "ours_at_least_as_accurate": ours[best_o]["fd"] <= theirs[best_t]["fd"]})
+  return out
+
+
+def table(res: dict) -> str:
+  lines = ["| NFE | our best | FD | diffusers best | FD | floor | ours <= theirs |",
+           "|---|---|---:|---|---:|---:|---|"]
+  for r in res["summary"]:
+    lines.append(f"| {r['nfe']} | {r['ours_best']} | {r['ours_fd']:.4g} | {r['diffusers_best']} | "
+                 f"{r['diffusers_fd']:.4g} | {r['floor_fd']:.3g} | "
+                 f"{'yes' if r['ours_at_least_as_accurate'] else 'NO'} |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> Optional[dict]:
+  if any(a.startswith("-") for a in argv[1:]):
+    FLAGS.unparse_flags()
+    FLAGS(list(argv))
+  try:
+    import diffusers
+    import torch
+  except ImportError as e:
+    print(f"compare_reference_samplers_mnist: skipped, the reference needs torch and diffusers "
+          f"({e}); `pip install torch diffusers` (benchmark-only dependencies).")
+    return None
+  torch.set_num_threads(1)
+  s = dataclasses.replace(bench.Settings.from_flags(), num_bpd=0, plot="",
+                          out=FLAGS.out if FLAGS["out"].present else DEFAULT_OUT)
+  res = compare(s, diffusers, torch, only=FLAGS.only, log=lambda m: print(m, flush=True))
+  if s.out:
+    write_json(s.out, res)
+  print("\nFrechet distance in classifier features (NOT FID):\n" + table(res), flush=True)
+  return res
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: main(argv) and None)

@@ -1,0 +1,49 @@
+"""experiments/compare_reference_samplers_mnist.py: our samplers vs diffusers on a network score.
+
+Without torch / diffusers (as on CI) the script must say so and return; with them, a tiny run on
+the real MNIST must reproduce benchmark_samplers_mnist's number for the same sampler (same model,
+classifier, prior noise) and score the diffusers schedulers on the same footing.
+"""
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import compare_reference_samplers_mnist as cmp  # noqa: E402  (imports benchmark_samplers_mnist)
+
+TINY = ["--train_steps=20", "--train_devices=1", "--nf=8", "--classifier_steps=20",
+        "--num_samples=32", "--sample_batch=32", "--nfes=10"]
+
+
+def test_without_diffusers_it_says_so_and_returns(monkeypatch, capsys, tmp_path):
+  monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` fail
+  assert cmp.main(["prog", f"--workdir={tmp_path}"]) is None
+  assert "needs torch and diffusers" in capsys.readouterr().out
+  assert not any(tmp_path.iterdir())  # nothing trained or written
+
+
+def test_tiny_comparison_reproduces_the_benchmark(mnist_dir, tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  common = [f"--data_dir={mnist_dir}", f"--workdir={tmp_path / 'wd'}"] + TINY
+  bench = cmp.bench.main(["prog"] + common + ["--samplers=ddim", "--pc_nfes=", "--ode_tols=",
+                                              "--num_bpd=0", f"--out={tmp_path / 'b.json'}",
+                                              "--plot="])
+  out = tmp_path / "c.json"
+  res = cmp.main(["prog"] + common + ["--only=ddim,DDIM [trailing],sde-dpmsolver++ 2M [trailing]",
+                                      f"--out={out}"])
+  saved = json.loads(out.read_text())
+  assert saved["summary"] == res["summary"] and len(res["summary"]) == 1
+  ours, theirs = res["ours"]["10"], res["reference"]["10"]
+  assert {"ddim", "ddim eta=1"} <= set(ours)
+  assert set(theirs) == {"DDIM [trailing]", "DPMSolverMultistep sde-dpmsolver++ 2M [trailing]"}
+  # Same model, classifier, references and x_T as the benchmark: the same number for ddim.
+  assert ours["ddim"]["fd"] == pytest.approx(bench["results"]["ddim"]["rows"][0]["fd"], rel=1e-5)
+  for row in list(ours.values()) + list(theirs.values()):
+    assert row["nfe"] <= 10 and math.isfinite(row["fd"]) and row["fd"] >= 0
+  assert res["floor"]["fd"] == pytest.approx(bench["floor"]["fd"])
+  assert "| 10 |" in cmp.table(res)
