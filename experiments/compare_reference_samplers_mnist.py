@@ -44,32 +44,64 @@ from score_sde.utils import write_json  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", [], "Run only the labels (ours and theirs) containing one of these "
                   "substrings.")
+flags.DEFINE_integer("repeats", 1, "Sample sets per configuration (new prior noise and sampler "
+                     "noise each); the FD is their mean.")
 DEFAULT_OUT = "docs/results/samplers_vs_diffusers_mnist.json"
 
 
-def _fd_row(prep: bench.Prepared, s: bench.Settings, x: np.ndarray, nfe: int,
-            seconds: float) -> Optional[dict]:
-  x = x[:s.num_samples]
-  if not np.all(np.isfinite(x)):
-    return None
-  return {"nfe": int(nfe), "fd": prep.fd(s, x), "seconds": round(seconds, 2)}
+def _noise(s: bench.Settings, sde: sde_lib.SDE, batch: int, repeat: int):
+  """(x_T, sampling key) of repeat ``repeat``; repeat 0 is benchmark_samplers_mnist's."""
+  x_T, k_sample, _ = bench.prior_noise(s, sde, batch)
+  if repeat == 0:
+    return x_T, k_sample
+  k_T, k_sample = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(s.seed), 1000 + repeat))
+  return np.asarray(sde.prior_sampling(k_T, x_T.shape)), k_sample
 
 
-def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (),
+def _row(prep: bench.Prepared, s: bench.Settings, draws: list) -> Optional[dict]:
+  """``draws``: [(samples, nfe, seconds)] per repeat -> FD mean (and std / each over repeats)."""
+  fds = []
+  for x, _, _ in draws:
+    x = x[:s.num_samples]
+    if not np.all(np.isfinite(x)):
+      return None
+    fds.append(prep.fd(s, x))
+  row = {"nfe": int(max(n for _, n, _ in draws)), "fd": float(np.mean(fds)),
+         "seconds": round(sum(t for _, _, t in draws), 2)}
+  if len(fds) > 1:
+    row.update(fds=[float(f) for f in fds], fd_std=float(np.std(fds, ddof=1)))
+  return row
+
+
+def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (), repeats: int = 1,
             log: Callable[[str], None] = print) -> dict:
-  """Both sides at every NFE of ``s.nfes``; returns the JSON-able result."""
+  """Both sides at every NFE of ``s.nfes``; with ``repeats`` > 1 every configuration draws that
+  many sample sets (new x_T and sampler noise each; the first is the benchmark's) and reports the
+  mean FD, its standard deviation and each value. Returns the JSON-able result."""
+  if repeats < 1:
+    raise ValueError(f"--repeats must be >= 1, got {repeats}.")
   keep = (lambda label: any(w in label for w in only)) if only else (lambda label: True)
   prep = bench.prepare(s, log)
   sde = sde_lib.get_sde(prep.config)
   if not isinstance(sde, sde_lib.VPSDE) or isinstance(sde, sde_lib.subVPSDE):
     raise ValueError("diffusers' schedulers discretize a VP SDE; the MNIST config must use one.")
   batch = min(s.sample_batch, s.num_samples)
-  x_T, k_sample, _ = bench.prior_noise(s, sde, batch)
+  noise = [_noise(s, sde, batch, r) for r in range(repeats)]
   eps_model = ref.EpsModel(bench.make_score_fn(sde, prep.model, prep.params), sde, torch)
-  res = {"settings": dataclasses.asdict(s), "diffusers": diffusers.__version__,
-         "torch": torch.__version__, "jax": jax.__version__, **prep.info, "ours": {},
-         "reference": {}}
+  res = {"settings": dataclasses.asdict(s), "repeats": repeats,
+         "diffusers": diffusers.__version__, "torch": torch.__version__, "jax": jax.__version__,
+         **prep.info, "ours": {}, "reference": {}}
   shape = (batch, 28, 28, prep.config.data.num_channels)
+
+  def theirs_once(cls_name: str, kwargs: dict, nfe: int, r: int):
+    x_T, parts, used, t0 = noise[r][0], [], 0, time.time()
+    for i in range(0, len(x_T), batch):
+      x, n = ref.run_reference(diffusers, torch, cls_name, kwargs, nfe, eps_model,
+                               x_T[i:i + batch], sde, seed=s.seed * 1000 + i + 1_000_000 * r)
+      parts.append(x)
+      used = max(used, n)
+    return np.concatenate(parts), used, time.time() - t0
+
   for nfe in s.nfes:
     ours, theirs = {}, {}
     for label, (name, options) in {**ref.OURS, **ref.OURS_STOCHASTIC}.items():
@@ -80,36 +112,35 @@ def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (),
       except ValueError as e:
         log(f"  ours {label} @ {nfe}: skipped ({e})")
         continue
-      x, used, _, seconds = bench.draw_samples(sampler, True, sde, prep.model, prep.params, x_T,
-                                               k_sample, batch)
-      row = _fd_row(prep, s, x, used, seconds)
+      draws = []
+      for x_T, k_sample in noise:
+        x, used, _, seconds = bench.draw_samples(sampler, True, sde, prep.model, prep.params, x_T,
+                                                 k_sample, batch)
+        draws.append((x, used, seconds))
+      row = _row(prep, s, draws)
       if row is None:
         log(f"  ours {label} @ {nfe}: non-finite samples")
         continue
       ours[label] = row
-      log(f"  ours      {label:38s} nfe={used:3d}  FD={row['fd']:8.4g}")
+      log(f"  ours      {label:38s} nfe={row['nfe']:3d}  FD={row['fd']:8.4g}"
+          + (f" +- {row['fd_std']:.3g}" if "fd_std" in row else ""))
     for label, (cls_name, kwargs) in ref.reference_configs(stochastic=True).items():
       if not keep(label):
         continue
-      t0 = time.time()
       try:
-        parts, used = [], 0
-        for i in range(0, len(x_T), batch):
-          x, n = ref.run_reference(diffusers, torch, cls_name, kwargs, nfe, eps_model,
-                                   x_T[i:i + batch], sde, seed=s.seed * 1000 + i)
-          parts.append(x)
-          used = max(used, n)
+        draws = [theirs_once(cls_name, kwargs, nfe, r) for r in range(repeats)]
       except Exception as e:  # pylint: disable=broad-except  # a setting that cannot run here
         log(f"  diffusers {label} @ {nfe}: failed ({type(e).__name__}: {e})")
         continue
-      if used > nfe:
-        raise AssertionError(f"{label} spent {used} > {nfe} model calls")
-      row = _fd_row(prep, s, np.concatenate(parts), used, time.time() - t0)
+      if max(n for _, n, _ in draws) > nfe:
+        raise AssertionError(f"{label} spent more than {nfe} model calls")
+      row = _row(prep, s, draws)
       if row is None:
         log(f"  diffusers {label} @ {nfe}: non-finite samples")
         continue
       theirs[label] = row
-      log(f"  diffusers {label:38s} nfe={used:3d}  FD={row['fd']:8.4g}")
+      log(f"  diffusers {label:38s} nfe={row['nfe']:3d}  FD={row['fd']:8.4g}"
+          + (f" +- {row['fd_std']:.3g}" if "fd_std" in row else ""))
     res["ours"][str(nfe)], res["reference"][str(nfe)] = ours, theirs
     if s.out:
       write_json(s.out, res)
@@ -136,10 +167,14 @@ def summary(res: dict) -> list[dict]:
 def table(res: dict) -> str:
   lines = ["| NFE | our best | FD | diffusers best | FD | floor | ours <= theirs |",
            "|---|---|---:|---|---:|---:|---|"]
+  def fd(side: str, nfe: int, label: str) -> str:
+    row = res[side][str(nfe)][label]
+    return f"{row['fd']:.4g}" + (f" +- {row['fd_std']:.2g}" if "fd_std" in row else "")
+
   for r in res["summary"]:
-    lines.append(f"| {r['nfe']} | {r['ours_best']} | {r['ours_fd']:.4g} | {r['diffusers_best']} | "
-                 f"{r['diffusers_fd']:.4g} | {r['floor_fd']:.3g} | "
-                 f"{'yes' if r['ours_at_least_as_accurate'] else 'NO'} |")
+    lines.append(f"| {r['nfe']} | {r['ours_best']} | {fd('ours', r['nfe'], r['ours_best'])} | "
+                 f"{r['diffusers_best']} | {fd('reference', r['nfe'], r['diffusers_best'])} | "
+                 f"{r['floor_fd']:.3g} | {'yes' if r['ours_at_least_as_accurate'] else 'NO'} |")
   return "\n".join(lines)
 
 
@@ -157,7 +192,8 @@ def main(argv: Sequence[str]) -> Optional[dict]:
   torch.set_num_threads(1)
   s = dataclasses.replace(bench.Settings.from_flags(), num_bpd=0, plot="",
                           out=FLAGS.out if FLAGS["out"].present else DEFAULT_OUT)
-  res = compare(s, diffusers, torch, only=FLAGS.only, log=lambda m: print(m, flush=True))
+  res = compare(s, diffusers, torch, only=FLAGS.only, repeats=FLAGS.repeats,
+                log=lambda m: print(m, flush=True))
   if s.out:
     write_json(s.out, res)
   print("\nFrechet distance in classifier features (NOT FID):\n" + table(res), flush=True)

@@ -35,15 +35,18 @@ def test_tiny_comparison_reproduces_the_benchmark(mnist_dir, tmp_path):
                                               "--plot="])
   out = tmp_path / "c.json"
   res = cmp.main(["prog"] + common + ["--only=ddim,DDIM [trailing],sde-dpmsolver++ 2M [trailing]",
-                                      f"--out={out}"])
+                                      "--repeats=2", f"--out={out}"])
   saved = json.loads(out.read_text())
   assert saved["summary"] == res["summary"] and len(res["summary"]) == 1
   ours, theirs = res["ours"]["10"], res["reference"]["10"]
   assert {"ddim", "ddim eta=1"} <= set(ours)
   assert set(theirs) == {"DDIM [trailing]", "DPMSolverMultistep sde-dpmsolver++ 2M [trailing]"}
-  # Same model, classifier, references and x_T as the benchmark: the same number for ddim.
-  assert ours["ddim"]["fd"] == pytest.approx(bench["results"]["ddim"]["rows"][0]["fd"], rel=1e-5)
+  # Same model, classifier, references and x_T as the benchmark: repeat 0 gives its ddim number.
+  assert ours["ddim"]["fds"][0] == pytest.approx(bench["results"]["ddim"]["rows"][0]["fd"],
+                                                 rel=1e-5)
   for row in list(ours.values()) + list(theirs.values()):
-    assert row["nfe"] <= 10 and math.isfinite(row["fd"]) and row["fd"] >= 0
+    assert row["nfe"] <= 10 and len(row["fds"]) == 2 and all(math.isfinite(f) for f in row["fds"])
+    assert row["fd"] == pytest.approx(sum(row["fds"]) / 2) and row["fd_std"] >= 0
+    assert row["fds"][0] != row["fds"][1]  # a new x_T (and noise) per repeat
   assert res["floor"]["fd"] == pytest.approx(bench["floor"]["fd"])
   assert "| 10 |" in cmp.table(res)
