@@ -77,6 +77,8 @@ OURS_STOCHASTIC = {
     "dpm_solver++2M-SDE time_uniform": ("dpm_solver_pp", dict(order=2, eta=1.0,
                                                              schedule="time_uniform")),
     "dpm_solver++2M-SDE edm": ("dpm_solver_pp", dict(order=2, eta=1.0, schedule="edm")),
+    "dpm_solver++2M-SDE edm +denoise": ("dpm_solver_pp", dict(order=2, eta=1.0, schedule="edm",
+                                                              denoise=True)),
     "dpm_solver++3M-SDE": ("dpm_solver_pp", dict(order=3, eta=1.0)),
     "ddim eta=1": ("ddim", dict(eta=1.0)),
 }
