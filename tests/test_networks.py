@@ -447,6 +447,20 @@ def test_apply_units_groups_runs_and_matches_the_plain_loop():
   assert _count_scans(lambda v: m.apply(v, h, xs), v) == 1
 
 
+def test_apply_units_runs_parameterless_units_one_by_one():
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, h):
+      units = [(nn.Dropout(0.5, deterministic=True),) for _ in range(3)]
+      return scan_lib.apply_units(self, units, lambda mods, h, x: mods[0](h) + 1.0, h)
+
+  h = jnp.zeros((2, 3))
+  v = Plain().init(jax.random.PRNGKey(0), h)
+  out = Plain().apply(v, h)
+  np.testing.assert_array_equal(out[-1], 3.0 * np.ones((2, 3)))
+  assert _count_scans(lambda v: Plain().apply(v, h), v) == 0
+
+
 def test_apply_units_rejects_non_param_collections():
   class WithStats(nn.Module):
     @nn.compact

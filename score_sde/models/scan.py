@@ -68,6 +68,8 @@ def apply_units(parent: nn.Module, units: Sequence[Unit], step: Step, h: Array,
   if set(parent.variables) - {"params"}:
     raise ValueError(f"apply_units scans only 'params'; {parent.name} also has collections "
                      f"{sorted(set(parent.variables) - {'params'})}.")
+  if any(m.name not in params for unit in units for m in unit):  # parameterless modules
+    return apply_units(parent, units, step, h, xs, scan=False)
   subtrees = [tuple(params[m.name] for m in unit) for unit in units]
   sigs = [(_shapes(p), None if x is None else (x.shape, x.dtype)) for p, x in zip(subtrees, xs)]
   use_rng = parent.has_rng("dropout")
