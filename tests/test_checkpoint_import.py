@@ -6,7 +6,6 @@ ema_rate, params_ema, rng)`` with a ``flax.optim.Optimizer(target, state=Optimiz
 param_states))`` of Adam (``grad_ema`` / ``grad_sq_ema``). Those classes are gone from flax, so the
 test re-declares them as struct dataclasses with the same fields and serializes through flax.
 """
-import importlib
 import os
 from typing import Any
 
@@ -19,6 +18,8 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from score_sde import checkpoint_import as ci
+from checkpoint_helpers import restore_train_state as _restore
+from checkpoint_helpers import tiny_config as _config
 
 
 @flax.struct.dataclass
@@ -49,16 +50,6 @@ class _State:  # score_sde models/utils.py State
   ema_rate: float
   params_ema: Any
   rng: Any
-
-
-def _config(name, **model):
-  cfg = importlib.import_module(f"configs.{name}").get_config()
-  cfg.data.image_size = 8
-  for k, v in {**dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)), **model}.items():
-    cfg.model[k] = v
-  cfg.model.num_scales = 4
-  cfg.sampling.num_samples = cfg.sampling.batch_size = 8
-  return cfg
 
 
 def _random_tree(template, rng):
@@ -150,22 +141,6 @@ def test_mismatch_names_first_path(tmp_path):
     ci.latest_checkpoint(str(tmp_path / "empty"))
   with pytest.raises(FileNotFoundError, match="No checkpoint file or directory"):
     ci.latest_checkpoint(str(tmp_path / "missing"))
-
-
-def _restore(cfg, workdir, step):
-  """The orbax train state at ``step`` of ``workdir`` (target built without compiling)."""
-  from score_sde import losses
-  from score_sde.checkpointing import Checkpoints
-  from score_sde.models import utils as mutils
-  model = mutils.get_model(cfg.model.name)(config=cfg)
-  target = jax.eval_shape(lambda p: losses.init_train_state(
-      cfg, model, {"params": p}, jax.random.PRNGKey(0)), ci.model_param_shapes(cfg))
-  checkpoints = Checkpoints(workdir)
-  try:
-    assert checkpoints.snapshot_steps() == [step]
-    return jax.device_get(checkpoints.restore(step, target))
-  finally:
-    checkpoints.close()
 
 
 def test_import_to_workdir_then_sample(tmp_path):

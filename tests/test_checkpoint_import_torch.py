@@ -13,7 +13,6 @@ The checkpoint dict is what `utils.save_checkpoint` writes: `{'optimizer': Adam.
 'model': DataParallel(model).state_dict(), 'ema': ExponentialMovingAverage.state_dict(), 'step'}`.
 """
 import collections
-import importlib
 import os
 
 import jax
@@ -23,18 +22,9 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from score_sde import checkpoint_import as ci
+from checkpoint_helpers import restore_train_state as _restore
+from checkpoint_helpers import tiny_config as _config
 from torch_pth import save as torch_save
-
-
-def _config(name, **model):
-  cfg = importlib.import_module(f"configs.{name}").get_config()
-  cfg.data.image_size = 8
-  for k, v in {**dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)),
-               **model}.items():
-    cfg.model[k] = v
-  cfg.model.num_scales = 4
-  cfg.sampling.num_samples = cfg.sampling.batch_size = 8
-  return cfg
 
 
 # ------------------------------------------------------------------ the PyTorch port's modules
@@ -424,22 +414,6 @@ def test_mismatches_name_the_first_key(tmp_path):
   torch_save(path, [np.zeros(3, np.float32)])
   with pytest.raises(ValueError, match="not a score_sde_pytorch checkpoint"):
     ci.import_checkpoint(path, cfg)
-
-
-def _restore(cfg, workdir, step):
-  """The orbax train state at ``step`` of ``workdir`` (target built without compiling)."""
-  from score_sde import losses
-  from score_sde.checkpointing import Checkpoints
-  from score_sde.models import utils as mutils
-  model = mutils.get_model(cfg.model.name)(config=cfg)
-  target = jax.eval_shape(lambda p: losses.init_train_state(
-      cfg, model, {"params": p}, jax.random.PRNGKey(0)), ci.model_param_shapes(cfg))
-  checkpoints = Checkpoints(workdir)
-  try:
-    assert checkpoints.snapshot_steps() == [step]
-    return jax.device_get(checkpoints.restore(step, target))
-  finally:
-    checkpoints.close()
 
 
 def test_import_to_workdir_adam_ema_step(tmp_path):
