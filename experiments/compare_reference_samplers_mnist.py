@@ -102,6 +102,16 @@ def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (), repea
       used = max(used, n)
     return np.concatenate(parts), used, time.time() - t0
 
+  def record(side: str, rows: dict, label: str, nfe: int, draws: list) -> None:
+    """Scores ``draws`` into ``rows[label]`` and logs it (non-finite samples: logged only)."""
+    row = _row(prep, s, draws)
+    if row is None:
+      log(f"  {side} {label} @ {nfe}: non-finite samples")
+      return
+    rows[label] = row
+    log(f"  {side:9s} {label:38s} nfe={row['nfe']:3d}  FD={row['fd']:8.4g}"
+        + (f" +- {row['fd_std']:.3g}" if "fd_std" in row else ""))
+
   for nfe in s.nfes:
     ours, theirs = {}, {}
     for label, (name, options) in {**ref.OURS, **ref.OURS_STOCHASTIC}.items():
@@ -117,13 +127,7 @@ def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (), repea
         x, used, _, seconds = bench.draw_samples(sampler, True, sde, prep.model, prep.params, x_T,
                                                  k_sample, batch)
         draws.append((x, used, seconds))
-      row = _row(prep, s, draws)
-      if row is None:
-        log(f"  ours {label} @ {nfe}: non-finite samples")
-        continue
-      ours[label] = row
-      log(f"  ours      {label:38s} nfe={row['nfe']:3d}  FD={row['fd']:8.4g}"
-          + (f" +- {row['fd_std']:.3g}" if "fd_std" in row else ""))
+      record("ours", ours, label, nfe, draws)
     for label, (cls_name, kwargs) in ref.reference_configs(stochastic=True).items():
       if not keep(label):
         continue
@@ -134,13 +138,7 @@ def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (), repea
         continue
       if max(n for _, n, _ in draws) > nfe:
         raise AssertionError(f"{label} spent more than {nfe} model calls")
-      row = _row(prep, s, draws)
-      if row is None:
-        log(f"  diffusers {label} @ {nfe}: non-finite samples")
-        continue
-      theirs[label] = row
-      log(f"  diffusers {label:38s} nfe={row['nfe']:3d}  FD={row['fd']:8.4g}"
-          + (f" +- {row['fd_std']:.3g}" if "fd_std" in row else ""))
+      record("diffusers", theirs, label, nfe, draws)
     res["ours"][str(nfe)], res["reference"][str(nfe)] = ours, theirs
     if s.out:
       write_json(s.out, res)
