@@ -150,24 +150,32 @@ def _param_order(template: Mapping[str, Any], order: Sequence[str]) -> list[str]
   return with_params
 
 
+def _torch_to_flax_axes(flax_path: tuple[str, ...], ndim: int) -> Optional[tuple[int, ...]]:
+  """``np.transpose`` axes taking the PyTorch tensor to the Flax parameter at ``flax_path``
+  (``None``: same layout). The one place the layout rule is written."""
+  leaf = flax_path[-1]
+  if ndim == 4 and leaf in ("kernel", "weight"):  # [out, in, kh, kw] -> [kh, kw, in, out]
+    return (2, 3, 1, 0)
+  if ndim == 2 and leaf == "kernel":              # Linear [out, in] -> Dense [in, out]
+    return (1, 0)
+  return None
+
+
 def _torch_layout_shape(flax_path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
   """Shape of the PyTorch tensor for a Flax parameter of ``shape`` at ``flax_path``."""
-  leaf = flax_path[-1]
-  if len(shape) == 4 and leaf in ("kernel", "weight"):    # [kh, kw, in, out] <- [out, in, kh, kw]
-    return (shape[3], shape[2], shape[0], shape[1])
-  if len(shape) == 2 and leaf == "kernel":                # Dense [in, out] <- Linear [out, in]
-    return (shape[1], shape[0])
-  return tuple(shape)
+  axes = _torch_to_flax_axes(flax_path, len(shape))
+  if axes is None:
+    return tuple(shape)
+  torch_shape = [0] * len(shape)
+  for flax_axis, torch_axis in enumerate(axes):
+    torch_shape[torch_axis] = shape[flax_axis]
+  return tuple(torch_shape)
 
 
 def _to_flax_layout(flax_path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
   """A PyTorch tensor (numpy) in the Flax layout of the parameter at ``flax_path``."""
-  leaf = flax_path[-1]
-  if array.ndim == 4 and leaf in ("kernel", "weight"):
-    return np.transpose(array, (2, 3, 1, 0))
-  if array.ndim == 2 and leaf == "kernel":
-    return np.transpose(array)
-  return array
+  axes = _torch_to_flax_axes(flax_path, array.ndim)
+  return array if axes is None else np.transpose(array, axes)
 
 
 def _torch_relative_name(top: str, rel: tuple[str, ...]) -> str:
