@@ -8,7 +8,7 @@ import pytest
 
 from score_sde import analytic, metrics, sde_lib
 from score_sde.sampling import available_samplers, get_sampler
-from score_sde.sampling.schedules import get_time_steps, kernel_np
+from score_sde.sampling.schedules import get_time_steps, kernel_np, start_scale
 
 SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.subVPSDE(), "ve": sde_lib.VESDE()}
 N_SAMPLES = 2000
@@ -56,14 +56,17 @@ def test_samplers_reproduce_2d_mixture(mixture, sde_name):
     assert dist < 3 * floor, (sde_name, name, options, dist, floor)
 
 
-def _gaussian_case(sde):
-  """Exact PF-ODE map of N(mu, diag(var)): x_eps = alpha_e mu + s_e / s_T (x_T - alpha_T mu)."""
+def _gaussian_case(sde, t_start=None, scale=1.0):
+  """Exact PF-ODE map of N(mu, diag(var)) from t_start (default T) to eps, started at
+  x_s = scale x_T: x_eps = alpha_e mu + s_e / s_s (x_s - alpha_s mu)."""
   mu, var = np.array([0.7, -0.7]), np.array([0.25, 0.09])
   gm = analytic.GaussianMixture(mu[None], var[None])
   x_T = sde.prior_sampling(jax.random.PRNGKey(3), (32, 2))
-  a, s, _ = kernel_np(sde, np.array([sde.T, sde.sampling_eps]))
+  t_start = sde.T if t_start is None else t_start
+  a, s, _ = kernel_np(sde, np.array([t_start, sde.sampling_eps]))
   std = np.sqrt(a[:, None] ** 2 * var + s[:, None] ** 2)
-  exact = a[1] * mu + std[1] / std[0] * (np.asarray(x_T, np.float64) - a[0] * mu)
+  x_s = scale * np.asarray(x_T, np.float64)
+  exact = a[1] * mu + std[1] / std[0] * (x_s - a[0] * mu)
   return gm.score_fn(sde), x_T, exact
 
 
@@ -154,9 +157,11 @@ def test_nfe_is_counted_honestly():
 def test_schedules():
   sde = SDES["subvp"]
   for schedule in ("time_uniform", "logSNR", "edm"):
-    ts = get_time_steps(sde, 10, schedule)
-    assert ts.shape == (11,) and ts[0] == sde.T and ts[-1] == sde.sampling_eps
-    assert np.all(np.diff(ts) < 0)
+    for t_start in (None, 0.6):
+      ts = get_time_steps(sde, 10, schedule, t_start=t_start)
+      assert ts.shape == (11,) and ts[-1] == sde.sampling_eps
+      assert ts[0] == (sde.T if t_start is None else t_start)
+      assert np.all(np.diff(ts) < 0)
   _, _, lam = kernel_np(sde, get_time_steps(sde, 10, "logSNR"))
   np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-6)
   _, _, lam = kernel_np(sde, get_time_steps(sde, 10, "edm", rho=5.0))
@@ -183,6 +188,8 @@ def test_schedules():
     ("ddim", dict(eta=-1.0), "eta must be"),
     ("euler", dict(S_churn=-1.0), "S_churn >= 0"),
     ("ddim", dict(eps=0.0), "eps must lie"),
+    ("dpm_solver_pp", dict(t_start=1.5), "t_start must lie"),
+    ("unipc", dict(t_start=1e-4), "t_start must lie"),
 ])
 def test_bad_input_fails_before_compiling(name, options, match):
   with pytest.raises(ValueError, match=match):
@@ -204,6 +211,8 @@ def test_bad_shapes():
      "Unknown schedule"),
     ("subvpsde", {"sampling.method": "heun", "sampling.nfe": 1}, "too small"),
     ("vpsde", {"sampling.method": "ddim", "sampling.options": {"order": 2}}, "no option"),
+    ("vesde", {"sampling.method": "dpm_solver_pp", "sampling.options": {"t_start": 2.0}},
+     "t_start must lie"),
 ])
 def test_bad_sampler_config_fails_at_validation(sde, overrides, match):
   """validate_config builds the configured sampler (host-side only), so the CLI, the training
@@ -238,3 +247,40 @@ def test_lower_order_final_counts_the_denoising_step():
   assert [_ms_order(3, i, 9, True, denoise=True) for i in range(9)] == [1, 2, 3, 3, 3, 3, 3, 3, 2]
   assert [_ms_order(3, i, 20, True) for i in range(20)][-2:] == [3, 3]
   assert [_ms_order(2, i, 5, False) for i in range(5)] == [1, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("sde_name", sorted(SDES))
+def test_start_time_follows_the_exact_flow_from_t_start(sde_name):
+  """With t_start < T the deterministic samplers solve the PF-ODE from t_start, starting at the
+  prior draw scaled by start_scale (1 on the VP SDE, about sigma(t) / sigma_max on the VE SDE)."""
+  sde = SDES[sde_name]
+  t_start = 0.4
+  k = start_scale(sde, t_start)
+  a, s, _ = kernel_np(sde, np.array([t_start, sde.T]))
+  prior_std = float(np.std(np.asarray(sde.prior_sampling(jax.random.PRNGKey(0), (20000,)))))
+  # k x_T has the marginal scale of unit-variance data at t_start (to the prior's own accuracy).
+  np.testing.assert_allclose(k * prior_std, np.sqrt(a[0] ** 2 + s[0] ** 2), rtol=0.02)
+  assert start_scale(sde, sde.T) == 1.0
+  score_fn, x_T, exact = _gaussian_case(sde, t_start, k)
+  _, x_T_full, exact_full = _gaussian_case(sde)
+  for name, options in [("heun", dict(steps=40)), ("dpm_solver_pp", dict(steps=40, order=2)),
+                        ("unipc", dict(steps=40, order=3, schedule="edm"))]:
+    sampler = get_sampler(name, sde, x_T.shape, t_start=t_start, **options)
+    x, _ = sampler(jax.random.PRNGKey(0), score_fn, x_T)
+    err = np.max(np.abs(np.asarray(x, np.float64) - exact)) / np.max(np.abs(exact))
+    assert err < 2e-3, (name, err)
+    # ... and not the flow from T (which differs visibly at t_start = 0.4)
+    assert np.max(np.abs(exact - exact_full)) > 50 * err * np.max(np.abs(exact))
+
+
+def test_start_time_on_unit_variance_data_samples_the_data():
+  """For N(0, I) data the VP marginals are all N(0, I): started at any t_start, the PF-ODE map
+  is the identity and the samples are x_T itself."""
+  sde = SDES["vp"]
+  gm = analytic.GaussianMixture(np.zeros((1, 2)), np.ones((1, 2)))
+  x_T = sde.prior_sampling(jax.random.PRNGKey(3), (64, 2))
+  for t_start in (0.9, 0.5):
+    sampler = get_sampler("dpm_solver_pp", sde, x_T.shape, nfe=100, t_start=t_start)
+    x, nfe = sampler(jax.random.PRNGKey(0), gm.score_fn(sde), x_T)
+    assert nfe == 100
+    np.testing.assert_allclose(np.asarray(x), np.asarray(x_T), rtol=2e-3, atol=2e-3)

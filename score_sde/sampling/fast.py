@@ -28,6 +28,8 @@ runs). Common options:
     (one of the two).
   schedule: 'time_uniform' | 'logSNR' | 'edm' (:mod:`score_sde.sampling.schedules`); rho for 'edm'.
   eps: the last time (``sde.sampling_eps`` by default).
+  t_start: the first time, in (eps, T] (``sde.T`` by default); the prior draw is scaled by
+    :func:`~score_sde.sampling.schedules.start_scale` (1 on the VP SDE) to start there.
   denoise: finish with one extra evaluation, returning x0(x_eps, eps) (Tweedie's denoising step).
 """
 from __future__ import annotations
@@ -43,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_sde.sampling import register_sampler
-from score_sde.sampling.schedules import SCHEDULES, get_time_steps, kernel_np, t_from_lambda_np
+from score_sde.sampling.schedules import (SCHEDULES, check_times, get_time_steps, kernel_np,
+                                         start_scale, t_from_lambda_np)
 from score_sde.sde_lib import SDE
 
 Array = jax.Array
@@ -199,15 +202,18 @@ def _ms_apply(run: _MSRun, pred: str, score_fn: ScoreFn, x: Array, key: Array) -
 # The sampler program
 # ------------------------------------------------------------------------------------------------
 def _make_sampler(sde: SDE, shape: tuple[int, ...], runs: list, pred: str, denoise: bool,
-                  t_end: float):
+                  t_end: float, t_start: float):
   """Wraps runs into ``sampler(key, score_fn) -> (samples, nfe)``; one jit per score_fn."""
   a_end, s_end, _ = kernel_np(sde, np.array(t_end))
+  scale = start_scale(sde, t_start)
   nfe = sum(r.nfe for r in runs) + int(denoise)
 
   def program(key: Array, score_fn: ScoreFn, x_T: Optional[Array]) -> Array:
     k_prior, k_run = jax.random.split(key)
     x = sde.prior_sampling(k_prior, shape) if x_T is None else x_T
     x = x.astype(jnp.float32)
+    if scale != 1.0:
+      x = jnp.float32(scale) * x
     for i, run in enumerate(runs):
       k = jax.random.fold_in(k_run, i)
       x = (_rk_apply if isinstance(run, _RKRun) else _ms_apply)(run, pred, score_fn, x, k)
@@ -220,7 +226,8 @@ def _make_sampler(sde: SDE, shape: tuple[int, ...], runs: list, pred: str, denoi
 
   def sampler(key: Array, score_fn: ScoreFn, x_T: Optional[Array] = None) -> tuple[Array, int]:
     """Returns ``(samples [*shape], nfe)``. ``x_T [*shape]`` replaces the prior draw when given
-    (the deterministic samplers then map x_T to x_eps; ``key`` only drives the sampler's noise)."""
+    (the deterministic samplers then map x_T to x_eps; ``key`` only drives the sampler's noise);
+    with ``t_start`` < T it is scaled like the prior draw."""
     if x_T is not None and tuple(x_T.shape) != shape:
       raise ValueError(f"x_T must have the sampler's shape {shape}, got {tuple(x_T.shape)}.")
     return jitted(key, score_fn, x_T), nfe
@@ -249,7 +256,8 @@ def _checked(name: str):
   return deco
 
 
-def _check_common(sde: SDE, shape, schedule: str, rho: Optional[float], eps: Optional[float]):
+def _check_common(sde: SDE, shape, schedule: str, rho: Optional[float], eps: Optional[float],
+                  t_start: Optional[float]):
   if not isinstance(sde, SDE):
     raise ValueError(f"sde must be a score_sde.sde_lib.SDE, got {type(sde).__name__}.")
   shape = tuple(int(s) for s in shape)
@@ -259,10 +267,8 @@ def _check_common(sde: SDE, shape, schedule: str, rho: Optional[float], eps: Opt
     raise ValueError(f"Unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}.")
   if rho is not None and schedule != "edm":
     raise ValueError(f"rho only applies to schedule='edm', not {schedule!r}: drop rho.")
-  eps = float(sde.sampling_eps if eps is None else eps)
-  if not 0.0 < eps < sde.T:
-    raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}.")
-  return shape, (7.0 if rho is None else float(rho)), eps
+  eps, t_start = check_times(sde, eps, t_start)
+  return shape, (7.0 if rho is None else float(rho)), eps, t_start
 
 
 def _budget(name: str, nfe: Optional[int], steps: Optional[int], denoise: bool,
@@ -296,7 +302,8 @@ def _order_check(name: str, order: int, n_eval: int, what: str):
 @_checked("ddim")
 def ddim_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                  steps: Optional[int] = None, eta: float = 0.0, schedule: str = "time_uniform",
-                 rho: Optional[float] = None, eps: Optional[float] = None, denoise: bool = False):
+                 rho: Optional[float] = None, eps: Optional[float] = None,
+                 t_start: Optional[float] = None, denoise: bool = False):
   """DDIM (Song, Meng & Ermon, ICLR 2021), generalized to any Gaussian kernel.
 
   From s = t_i to t = t_{i+1}, with x0 = x0(x_s, s) and eps_hat = (x_s - alpha_s x0) / sigma_s:
@@ -308,11 +315,11 @@ def ddim_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
   equals DPM-Solver-1 (and EDM's Euler step), eta = 1 is ancestral sampling. One evaluation per
   step; default schedule uniform in t.
   """
-  shape, rho, eps = _check_common(sde, shape, schedule, rho, eps)
+  shape, rho, eps, t_start = _check_common(sde, shape, schedule, rho, eps, t_start)
   if not eta >= 0:
     raise ValueError(f"ddim: eta must be >= 0, got {eta}.")
   budget, steps = _budget("ddim", nfe, steps, denoise)
-  ts = get_time_steps(sde, steps or budget, schedule, eps, rho)
+  ts = get_time_steps(sde, steps or budget, schedule, eps, rho, t_start)
   al, si, lam = kernel_np(sde, ts)
   out = []
   for i in range(len(ts) - 1):
@@ -322,7 +329,7 @@ def ddim_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
       raise ValueError(f"ddim: eta={eta} gives a noise std above sigma(t); use eta <= 1.")
     A = math.sqrt(si[i + 1] ** 2 - c**2) / si[i]
     out.append(_rk_step([ts[i]], [al[i]], [si[i]], [1.0], [[0.0]], A, [al[i + 1] - A * al[i]], c))
-  return _make_sampler(sde, shape, _rk_runs(out), "data", denoise, eps)
+  return _make_sampler(sde, shape, _rk_runs(out), "data", denoise, eps, t_start)
 
 
 def _edm_steps(sde: SDE, ts: np.ndarray, heun_steps: int, S_churn: float, S_tmin: float,
@@ -366,7 +373,8 @@ def _churn_check(name, S_churn, S_tmin, S_tmax, S_noise):
 @_checked("euler")
 def euler_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                   steps: Optional[int] = None, schedule: str = "edm", rho: Optional[float] = None,
-                  eps: Optional[float] = None, denoise: bool = False, S_churn: float = 0.0,
+                  eps: Optional[float] = None, t_start: Optional[float] = None,
+                  denoise: bool = False, S_churn: float = 0.0,
                   S_tmin: float = 0.0, S_tmax: float = float("inf"), S_noise: float = 1.0):
   """Euler on the probability-flow ODE in EDM form (Karras et al., NeurIPS 2022, Alg. 2).
 
@@ -379,18 +387,19 @@ def euler_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
   With S_churn = 0 this is DDIM (eta = 0) = DPM-Solver-1 on the EDM schedule. One evaluation per
   step; the times of sigma_hat come from ``sde.t_from_log_snr``.
   """
-  shape, rho, eps = _check_common(sde, shape, schedule, rho, eps)
+  shape, rho, eps, t_start = _check_common(sde, shape, schedule, rho, eps, t_start)
   _churn_check("euler", S_churn, S_tmin, S_tmax, S_noise)
   budget, steps = _budget("euler", nfe, steps, denoise)
-  ts = get_time_steps(sde, steps or budget, schedule, eps, rho)
+  ts = get_time_steps(sde, steps or budget, schedule, eps, rho, t_start)
   out = _edm_steps(sde, ts, 0, S_churn, S_tmin, S_tmax, S_noise)
-  return _make_sampler(sde, shape, _rk_runs(out), "data", denoise, eps)
+  return _make_sampler(sde, shape, _rk_runs(out), "data", denoise, eps, t_start)
 
 
 @_checked("heun")
 def heun_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                  steps: Optional[int] = None, schedule: str = "edm", rho: Optional[float] = None,
-                 eps: Optional[float] = None, denoise: bool = False, S_churn: float = 0.0,
+                 eps: Optional[float] = None, t_start: Optional[float] = None,
+                 denoise: bool = False, S_churn: float = 0.0,
                  S_tmin: float = 0.0, S_tmax: float = float("inf"), S_noise: float = 1.0):
   """Heun's 2nd-order method on the probability-flow ODE, EDM's Algorithm 2 (Karras et al. 2022).
 
@@ -403,16 +412,16 @@ def heun_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
   EDM's final step); with ``denoise`` the extra evaluation is EDM's Euler step to sigma = 0, so
   nfe=35, denoise=True is EDM's 18-step setting. Given ``steps``, all steps are Heun steps.
   """
-  shape, rho, eps = _check_common(sde, shape, schedule, rho, eps)
+  shape, rho, eps, t_start = _check_common(sde, shape, schedule, rho, eps, t_start)
   _churn_check("heun", S_churn, S_tmin, S_tmax, S_noise)
   budget, steps = _budget("heun", nfe, steps, denoise, per_step=2)
   if steps is None:
     steps, heun = (budget + 1) // 2, budget // 2
   else:
     heun = steps
-  ts = get_time_steps(sde, steps, schedule, eps, rho)
+  ts = get_time_steps(sde, steps, schedule, eps, rho, t_start)
   out = _edm_steps(sde, ts, heun, S_churn, S_tmin, S_tmax, S_noise)
-  return _make_sampler(sde, shape, _rk_runs(out), "data", denoise, eps)
+  return _make_sampler(sde, shape, _rk_runs(out), "data", denoise, eps, t_start)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -540,9 +549,9 @@ def _ms_order(order: int, i: int, M: int, lower_order_final: bool, denoise: bool
   return p
 
 
-def _dpm(name: str, sde, shape, pred, nfe, steps, order, method, schedule, rho, eps, denoise,
-         eta, lower_order_final):
-  shape, rho, eps = _check_common(sde, shape, schedule, rho, eps)
+def _dpm(name: str, sde, shape, pred, nfe, steps, order, method, schedule, rho, eps, t_start,
+         denoise, eta, lower_order_final):
+  shape, rho, eps, t_start = _check_common(sde, shape, schedule, rho, eps, t_start)
   if method not in ("singlestep", "multistep"):
     raise ValueError(f"{name}: method must be 'singlestep' or 'multistep', got {method!r}.")
   if order not in (1, 2, 3):
@@ -556,7 +565,7 @@ def _dpm(name: str, sde, shape, pred, nfe, steps, order, method, schedule, rho, 
   if method == "multistep":
     M = steps or budget
     _order_check(name, order, M, "steps")
-    ts = get_time_steps(sde, M, schedule, eps, rho)
+    ts = get_time_steps(sde, M, schedule, eps, rho, t_start)
     runs = [_multistep_run(sde, ts, order, pred, eta, lower_order_final, denoise)]
   else:
     if steps is not None:
@@ -564,16 +573,17 @@ def _dpm(name: str, sde, shape, pred, nfe, steps, order, method, schedule, rho, 
     else:
       _order_check(name, order, budget, "evaluations")
       orders = _singlestep_orders(budget, order)
-    ts = get_time_steps(sde, len(orders), schedule, eps, rho)
+    ts = get_time_steps(sde, len(orders), schedule, eps, rho, t_start)
     runs = _rk_runs([_singlestep_step(sde, ts, i, k, pred) for i, k in enumerate(orders)])
-  return _make_sampler(sde, shape, runs, pred, denoise, eps)
+  return _make_sampler(sde, shape, runs, pred, denoise, eps, t_start)
 
 
 @_checked("dpm_solver")
 def dpm_solver_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                        steps: Optional[int] = None, order: int = 3, method: str = "singlestep",
                        schedule: str = "logSNR", rho: Optional[float] = None,
-                       eps: Optional[float] = None, denoise: bool = False,
+                       eps: Optional[float] = None, t_start: Optional[float] = None,
+                       denoise: bool = False,
                        lower_order_final: bool = True):
   """DPM-Solver (Lu et al., NeurIPS 2022): exponential integrators on the noise prediction.
 
@@ -598,14 +608,15 @@ def dpm_solver_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = N
   steps (Lu et al. 2022b); with ``denoise`` the denoising step counts as the last, first-order one.
   """
   return _dpm("dpm_solver", sde, shape, "noise", nfe, steps, order, method, schedule, rho, eps,
-              denoise, 0.0, lower_order_final)
+              t_start, denoise, 0.0, lower_order_final)
 
 
 @_checked("dpm_solver_pp")
 def dpm_solver_pp_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                           steps: Optional[int] = None, order: int = 2, method: str = "multistep",
                           schedule: str = "logSNR", rho: Optional[float] = None,
-                          eps: Optional[float] = None, denoise: bool = False, eta: float = 0.0,
+                          eps: Optional[float] = None, t_start: Optional[float] = None,
+                          denoise: bool = False, eta: float = 0.0,
                           lower_order_final: bool = True):
   """DPM-Solver++ (Lu et al. 2022b, arXiv:2211.01095): exponential integrators on the data prediction.
 
@@ -625,7 +636,7 @@ def dpm_solver_pp_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] 
   + alpha_{s2} r2 / r1 ((e^{-r2 h} - 1) / (r2 h) + 1) D1.
   """
   return _dpm("dpm_solver_pp", sde, shape, "data", nfe, steps, order, method, schedule, rho, eps,
-              denoise, float(eta), lower_order_final)
+              t_start, denoise, float(eta), lower_order_final)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -660,7 +671,8 @@ def _unipc_rhos(h: float, rks: np.ndarray, variant: str, corrector: bool) -> np.
 def unipc_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                   steps: Optional[int] = None, order: int = 3, variant: str = "bh2",
                   corrector: bool = True, schedule: str = "logSNR", rho: Optional[float] = None,
-                  eps: Optional[float] = None, denoise: bool = False,
+                  eps: Optional[float] = None, t_start: Optional[float] = None,
+                  denoise: bool = False,
                   lower_order_final: bool = True):
   """UniPC (Zhao et al., NeurIPS 2023): multistep UniP-p predictor + UniC corrector on x0.
 
@@ -676,13 +688,13 @@ def unipc_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
   predictor needs, so it costs no NFE (and is skipped after the last step): nfe = steps.
   Warm-up with lower orders; ``lower_order_final`` as in DPM-Solver++.
   """
-  shape, rho, eps = _check_common(sde, shape, schedule, rho, eps)
+  shape, rho, eps, t_start = _check_common(sde, shape, schedule, rho, eps, t_start)
   if variant not in ("bh1", "bh2"):
     raise ValueError(f"unipc: variant must be 'bh1' or 'bh2', got {variant!r}.")
   budget, steps = _budget("unipc", nfe, steps, denoise)
   M = steps or budget
   _order_check("unipc", order, M, "steps")
-  ts = get_time_steps(sde, M, schedule, eps, rho)
+  ts = get_time_steps(sde, M, schedule, eps, rho, t_start)
   al, si, lam = kernel_np(sde, ts)
   A, C, S = np.zeros(M), np.zeros((M, 3)), np.zeros(M)
   P, Q, Cc = np.ones(M), np.zeros(M), np.zeros((M, 4))
@@ -707,4 +719,4 @@ def unipc_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
       for k in range(1, p):
         Cc[i + 1, k + 1] = -at * B * rc[k - 1] / rks[k - 1]
   run = _MSRun(t=ts[:-1], alpha=al[:-1], sigma=si[:-1], A=A, C=C, S=S, P=P, Q=Q, Cc=Cc)
-  return _make_sampler(sde, shape, [run], "data", denoise, eps)
+  return _make_sampler(sde, shape, [run], "data", denoise, eps, t_start)
