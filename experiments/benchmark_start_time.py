@@ -66,7 +66,7 @@ def table(res: dict) -> str:
   for label, nfe in dict.fromkeys((r["sampler"], r["nfe"]) for r in res["rows"]):
     lines.append(f"| {label} | {nfe} | " + " | ".join(f"{cells[label, nfe, t]:.3g}"
                                                      for t in t_starts) + " |")
-  lines.append(f"| *floor (true vs true)* | | " + " | ".join(f"{res['floor']:.3g}"
+  lines.append("| *floor (true vs true)* | | " + " | ".join(f"{res['floor']:.3g}"
                                                               for _ in t_starts) + " |")
   return "\n".join(lines)
 
