@@ -196,6 +196,18 @@ def test_bad_input_fails_before_compiling(name, options, match):
     get_sampler(name, SDES["vp"], (4, 2), **options)
 
 
+@pytest.mark.parametrize("name", ["pc", "ode", "dpm_solver_pp"])
+def test_unknown_option_names_the_valid_ones(name):
+  """Every registered family (PC, ODE, fast) rejects an option it does not take, e.g. t_start
+  given to the PC sampler, with a ValueError that lists its options."""
+  with pytest.raises(ValueError, match=rf"Sampler '{name}' has no option\(s\) \['bogus'\]; "
+                                        r"its options are \[.*'eps'"):
+    get_sampler(name, SDES["vp"], (4, 2), bogus=1)
+  if name != "dpm_solver_pp":
+    with pytest.raises(ValueError, match="t_start"):
+      get_sampler(name, SDES["vp"], (4, 2), t_start=0.9)
+
+
 def test_bad_shapes():
   with pytest.raises(ValueError, match="shape"):
     get_sampler("ddim", SDES["vp"], (4,))

@@ -6,7 +6,9 @@ Sampler families register a builder ``builder(sde, shape, **options)`` under a n
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from typing import Callable
 
 _SAMPLERS: dict[str, Callable] = {}
@@ -14,11 +16,29 @@ _SAMPLER_MODULES = ("score_sde.sampling.pc", "score_sde.sampling.ode", "score_sd
 
 
 def register_sampler(name: str):
+  """Registers ``builder(sde, shape, **options)`` under ``name``.
+
+  Returns the builder wrapped so that an option it does not take raises a ValueError naming its
+  options (the same message whether it is called directly or through :func:`get_sampler`).
+  """
   def _register(builder):
-    if name in _SAMPLERS and _SAMPLERS[name] is not builder:
+    known = _SAMPLERS.get(name)
+    if known is not None and getattr(known, "__wrapped__", known) is not builder:
       raise ValueError(f"A sampler named {name!r} is already registered.")
-    _SAMPLERS[name] = builder
-    return builder
+    params = inspect.signature(builder).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    valid = [p for p, v in params.items() if p not in ("sde", "shape")
+             and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+
+    @functools.wraps(builder)
+    def checked(sde, shape, *args, **options):
+      unknown = sorted(set(options) - set(valid))
+      if unknown and not takes_any:
+        raise ValueError(f"Sampler {name!r} has no option(s) {unknown}; its options are {valid}.")
+      return builder(sde, shape, *args, **options)
+
+    _SAMPLERS[name] = checked
+    return checked
   return _register
 
 

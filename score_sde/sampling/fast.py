@@ -34,8 +34,6 @@ runs). Common options:
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -239,23 +237,6 @@ def _make_sampler(sde: SDE, shape: tuple[int, ...], runs: list, pred: str, denoi
 # ------------------------------------------------------------------------------------------------
 # Option checking
 # ------------------------------------------------------------------------------------------------
-def _checked(name: str):
-  """Registers a builder under ``name``; unknown options raise a ValueError naming the valid ones."""
-  def deco(builder):
-    params = inspect.signature(builder).parameters
-    valid = [p for p in params if p not in ("sde", "shape")]
-
-    @functools.wraps(builder)
-    def wrapped(sde, shape, **options):
-      unknown = sorted(set(options) - set(valid))
-      if unknown:
-        raise ValueError(f"Sampler {name!r} has no option(s) {unknown}; its options are {valid}.")
-      return builder(sde, shape, **options)
-    register_sampler(name)(wrapped)
-    return wrapped
-  return deco
-
-
 def _check_common(sde: SDE, shape, schedule: str, rho: Optional[float], eps: Optional[float],
                   t_start: Optional[float]):
   if not isinstance(sde, SDE):
@@ -299,7 +280,7 @@ def _order_check(name: str, order: int, n_eval: int, what: str):
 # ------------------------------------------------------------------------------------------------
 # DDIM / Euler / Heun
 # ------------------------------------------------------------------------------------------------
-@_checked("ddim")
+@register_sampler("ddim")
 def ddim_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                  steps: Optional[int] = None, eta: float = 0.0, schedule: str = "time_uniform",
                  rho: Optional[float] = None, eps: Optional[float] = None,
@@ -370,7 +351,7 @@ def _churn_check(name, S_churn, S_tmin, S_tmax, S_noise):
                      f"{S_churn}, {S_noise}, {S_tmin}, {S_tmax}.")
 
 
-@_checked("euler")
+@register_sampler("euler")
 def euler_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                   steps: Optional[int] = None, schedule: str = "edm", rho: Optional[float] = None,
                   eps: Optional[float] = None, t_start: Optional[float] = None,
@@ -395,7 +376,7 @@ def euler_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
   return _make_sampler(sde, shape, _rk_runs(out), "data", denoise, eps, t_start)
 
 
-@_checked("heun")
+@register_sampler("heun")
 def heun_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                  steps: Optional[int] = None, schedule: str = "edm", rho: Optional[float] = None,
                  eps: Optional[float] = None, t_start: Optional[float] = None,
@@ -578,7 +559,7 @@ def _dpm(name: str, sde, shape, pred, nfe, steps, order, method, schedule, rho, 
   return _make_sampler(sde, shape, runs, pred, denoise, eps, t_start)
 
 
-@_checked("dpm_solver")
+@register_sampler("dpm_solver")
 def dpm_solver_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                        steps: Optional[int] = None, order: int = 3, method: str = "singlestep",
                        schedule: str = "logSNR", rho: Optional[float] = None,
@@ -611,7 +592,7 @@ def dpm_solver_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = N
               t_start, denoise, 0.0, lower_order_final)
 
 
-@_checked("dpm_solver_pp")
+@register_sampler("dpm_solver_pp")
 def dpm_solver_pp_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                           steps: Optional[int] = None, order: int = 2, method: str = "multistep",
                           schedule: str = "logSNR", rho: Optional[float] = None,
@@ -667,7 +648,7 @@ def _unipc_rhos(h: float, rks: np.ndarray, variant: str, corrector: bool) -> np.
   return np.array([0.5]) if p == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
 
 
-@_checked("unipc")
+@register_sampler("unipc")
 def unipc_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
                   steps: Optional[int] = None, order: int = 3, variant: str = "bh2",
                   corrector: bool = True, schedule: str = "logSNR", rho: Optional[float] = None,
