@@ -50,7 +50,8 @@ default, the paper's setting), and the adaptive probability-flow ODE (dopri5) ru
 tolerance in ``--ode_tols``, its NFE being what it spent. Configurations that cannot run at an NFE
 (e.g. order 3 with too few evaluations) are skipped with their message. Prints a markdown table
 and writes the JSON (``--out``) and an FD-vs-NFE plot (``--plot``); ``--from_json`` redraws both
-from a saved result without sampling.
+from a saved result without sampling, and ``--merge a.json,b.json`` joins the rows of runs with the
+same model, classifier and x_T (same flags and ``--workdir``, other NFE grids) into one result.
 
 Run it from Python as ``main(['prog', '--flag=value', ...])`` (the flags given are parsed; the
 others take their defaults) or call :func:`run` with a :class:`Settings`.
@@ -116,6 +117,9 @@ flags.DEFINE_integer("seed", 0, "Seed of the classifier, the prior noise and the
 flags.DEFINE_string("out", "docs/results/samplers_mnist.json", "JSON output ('' : none).")
 flags.DEFINE_string("plot", "docs/figures/samplers_mnist.png", "PNG output ('' : none).")
 flags.DEFINE_string("from_json", "", "Only print the table and redraw the plot of a saved result.")
+flags.DEFINE_list("merge", [], "Saved results of runs with the same model, classifier and x_T "
+                  "(same flags and --workdir, other --nfes / --pc_nfes / --ode_tols): write one "
+                  "result with all their rows to --out, redraw --plot; no sampling.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -537,6 +541,85 @@ def summary(res: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# Merging runs
+# ------------------------------------------------------------------------------------------------
+# Settings that fix the score model, the classifier, the reference images and x_T: runs that agree
+# on them drew their samples from the same model and noise, so their rows can share one table.
+SHARED_SETTINGS = ("train_steps", "batch_size", "nf", "warmup", "ema_rate", "classifier_steps",
+                   "feature_dim", "num_samples", "sample_batch", "seed")
+
+
+def _run_entries(res: dict) -> list[dict]:
+  """The runs a result is made of: its own ``runs``, or the result itself as one run."""
+  if "runs" in res:
+    return copy.deepcopy(res["runs"])
+  return [{"settings": res["settings"], "seconds": res.get("seconds"),
+           "phase_seconds": res.get("phase_seconds")}]
+
+
+def merge_results(results: Sequence[dict], rtol: float = 1e-3) -> dict:
+  """One result from several runs of the same model, classifier, references and x_T.
+
+  Rows of a sampler are joined by setting (NFE, or ODE tolerance); a setting present in more than
+  one run must have the same FD within ``rtol`` (it is the same computation) and is kept once,
+  from the first run. bits/dim comes from the first run that has it; ``runs`` lists every run's
+  settings and seconds. Raises ValueError when the runs differ in a setting of SHARED_SETTINGS,
+  in the model's test loss, the classifier's accuracy or the noise floor (then their samples are
+  not comparable), or when a repeated setting gives another FD.
+  """
+  if not results:
+    raise ValueError("Nothing to merge: give at least one result.")
+  first = results[0]
+
+  def close(a: float, b: float) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12)
+
+  for i, res in enumerate(results[1:], 1):
+    diff = [k for k in SHARED_SETTINGS
+            if res["settings"].get(k) != first["settings"].get(k)]
+    if diff:
+      raise ValueError(f"Result {i} differs from result 0 in settings {diff}: its samples come "
+                       "from another model, classifier or x_T; rerun it with the first run's "
+                       "flags and --workdir.")
+    checks = {"model test DSM loss": (res["model"]["test_dsm_loss"],
+                                      first["model"]["test_dsm_loss"]),
+              "classifier test accuracy": (res["classifier"]["test_accuracy"],
+                                           first["classifier"]["test_accuracy"]),
+              "noise floor FD": (res["floor"]["fd"], first["floor"]["fd"])}
+    off = [f"{name} {a:.6g} vs {b:.6g}" for name, (a, b) in checks.items() if not close(a, b)]
+    if off:
+      raise ValueError(f"Result {i} has the same settings as result 0 but {'; '.join(off)}: "
+                       "not the same cached model / classifier (another --workdir?).")
+
+  merged = copy.deepcopy(first)
+  merged.pop("phase_seconds", None)
+  merged["runs"] = [run for res in results for run in _run_entries(res)]
+  merged["seconds"] = round(sum(run.get("seconds") or 0.0 for run in merged["runs"]), 1)
+  for key, cast in (("nfes", int), ("pc_nfes", int), ("ode_tols", float)):
+    merged[key] = sorted({cast(v) for res in results for v in res.get(key, [])})
+  if merged.get("bpd") is None:
+    merged["bpd"] = next((res["bpd"] for res in results if res.get("bpd")), None)
+
+  labels = list(dict.fromkeys(label for res in results for label in res["results"]))
+  order = {label: i for i, label in enumerate(SAMPLER_CONFIGS)}
+  labels.sort(key=lambda label: order.get(label, len(order)))
+  merged["results"] = {}
+  for label in labels:
+    entries = [res["results"][label] for res in results if label in res["results"]]
+    rows: dict = {}
+    for entry in entries:
+      for row in entry["rows"]:
+        kept = rows.setdefault(row["setting"], row)
+        if kept is not row and None not in (kept["fd"], row["fd"]) and not close(kept["fd"],
+                                                                                  row["fd"]):
+          raise ValueError(f"{label} at setting {row['setting']}: FD {kept['fd']:.6g} in one run "
+                           f"and {row['fd']:.6g} in another; the runs do not share model and x_T.")
+    merged["results"][label] = dict(copy.deepcopy(entries[0]),
+                                    rows=[copy.deepcopy(rows[k]) for k in sorted(rows)])
+  return merged
+
+
+# ------------------------------------------------------------------------------------------------
 # The benchmark
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -671,9 +754,21 @@ def main(argv: Sequence[str]) -> dict:
     FLAGS(list(argv))
   elif len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {list(argv[1:])}.")
-  if FLAGS.from_json:
+  if FLAGS.from_json and FLAGS.merge:
+    raise app.UsageError("Give --from_json or --merge, not both.")
+  if FLAGS.merge:
+    parts = []
+    for path in FLAGS.merge:
+      with open(path) as f:
+        parts.append(json.load(f))
+    res = merge_results(parts)
+    if FLAGS.out:
+      write_json(FLAGS.out, res)
+      print(f"wrote {FLAGS.out}")
+  elif FLAGS.from_json:
     with open(FLAGS.from_json) as f:
       res = json.load(f)
+  if FLAGS.merge or FLAGS.from_json:
     print(fd_table(res) + "\n\n" + summary(res))
     if FLAGS.plot:
       plot(res, FLAGS.plot)

@@ -72,3 +72,67 @@ def test_feature_fd_is_zero_for_identical_sets_and_grows_with_a_shift(script):
   a = rng.normal(size=(500, 8))
   assert abs(script.feature_fd(a, a)) < 1e-8
   assert script.feature_fd(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)  # ||mu shift||^2
+
+
+def _split_by_run(saved: dict) -> list[dict]:
+  """The committed two-run result cut back into what each run wrote: a row belongs to every run
+  whose grid holds its setting (PC at 100 NFE is in both)."""
+  import copy
+  parts = []
+  for i, run in enumerate(saved["runs"]):
+    st = run["settings"]
+    part = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("runs", "results", "bpd")}
+    part.update(settings=st, nfes=st["nfes"], pc_nfes=st["pc_nfes"], ode_tols=st["ode_tols"],
+                seconds=run["seconds"], bpd=copy.deepcopy(saved["bpd"]) if st["num_bpd"] else None,
+                results={})
+    for label, r in saved["results"].items():
+      grid = {"ode": st["ode_tols"], "pc": st["nfes"] + st["pc_nfes"]}.get(r["sampler"],
+                                                                           st["nfes"])
+      rows = [dict(row) for row in r["rows"] if row["setting"] in grid]
+      if rows:
+        part["results"][label] = dict(copy.deepcopy(r), rows=rows)
+    parts.append(part)
+  return parts
+
+
+def test_merge_rebuilds_the_committed_two_run_result(script, tmp_path):
+  saved = json.loads((REPO / "docs" / "results" / "samplers_mnist.json").read_text())
+  parts = _split_by_run(saved)
+  assert len(parts) == 2 and "ode (adaptive)" not in parts[1]["results"]
+  assert [r["setting"] for r in parts[1]["results"]["pc (euler_maruyama)"]["rows"]] == [35, 50, 100,
+                                                                                     1000]
+  merged = script.merge_results(parts)
+  assert merged["results"] == saved["results"]
+  assert list(merged["results"]) == list(saved["results"])
+  for key in ("nfes", "pc_nfes", "ode_tols", "bpd", "model", "classifier", "floor"):
+    assert merged[key] == saved[key], key
+  assert [run["settings"] for run in merged["runs"]] == [run["settings"] for run in saved["runs"]]
+  assert merged["seconds"] == pytest.approx(sum(run["seconds"] for run in saved["runs"]))
+  # The same through the command line, order of the runs reversed: the same table.
+  paths = []
+  for i, part in enumerate(reversed(parts)):
+    paths.append(tmp_path / f"part{i}.json")
+    paths[-1].write_text(json.dumps(part))
+  out = tmp_path / "merged.json"
+  res = script.main(["benchmark_samplers_mnist", f"--merge={paths[0]},{paths[1]}", f"--out={out}",
+                     "--plot="])
+  assert json.loads(out.read_text())["results"] == res["results"]
+  assert script.fd_table(res) == script.fd_table(saved)
+  assert res["bpd"] == saved["bpd"]
+
+
+def test_merge_refuses_runs_of_different_models_or_noise(script):
+  saved = json.loads((REPO / "docs" / "results" / "samplers_mnist.json").read_text())
+  a, b = _split_by_run(saved)
+  b["settings"] = dict(b["settings"], seed=1)
+  with pytest.raises(ValueError, match=r"settings \['seed'\]"):
+    script.merge_results([a, b])
+  a, b = _split_by_run(saved)
+  b["model"]["test_dsm_loss"] *= 1.1
+  with pytest.raises(ValueError, match="model test DSM loss"):
+    script.merge_results([a, b])
+  a, b = _split_by_run(saved)
+  pc_100 = [row for row in b["results"]["pc (euler_maruyama)"]["rows"] if row["setting"] == 100]
+  pc_100[0]["fd"] += 5.0  # PC at 100 NFE is in both runs
+  with pytest.raises(ValueError, match="at setting 100"):
+    script.merge_results([a, b])
