@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -570,10 +571,7 @@ def merge_results(results: Sequence[dict], rtol: float = 1e-3) -> dict:
   if not results:
     raise ValueError("Nothing to merge: give at least one result.")
   first = results[0]
-
-  def close(a: float, b: float) -> bool:
-    return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12)
-
+  close = functools.partial(math.isclose, rel_tol=rtol)
   for i, res in enumerate(results[1:], 1):
     diff = [k for k in SHARED_SETTINGS
             if res["settings"].get(k) != first["settings"].get(k)]
@@ -591,8 +589,8 @@ def merge_results(results: Sequence[dict], rtol: float = 1e-3) -> dict:
       raise ValueError(f"Result {i} has the same settings as result 0 but {'; '.join(off)}: "
                        "not the same cached model / classifier (another --workdir?).")
 
-  merged = copy.deepcopy(first)
-  merged.pop("phase_seconds", None)
+  merged = copy.deepcopy({k: v for k, v in first.items()
+                          if k not in ("results", "runs", "phase_seconds")})
   merged["runs"] = [run for res in results for run in _run_entries(res)]
   merged["seconds"] = round(sum(run.get("seconds") or 0.0 for run in merged["runs"]), 1)
   for key, cast in (("nfes", int), ("pc_nfes", int), ("ode_tols", float)):
@@ -756,19 +754,17 @@ def main(argv: Sequence[str]) -> dict:
     raise app.UsageError(f"Unexpected arguments {list(argv[1:])}.")
   if FLAGS.from_json and FLAGS.merge:
     raise app.UsageError("Give --from_json or --merge, not both.")
-  if FLAGS.merge:
-    parts = []
-    for path in FLAGS.merge:
-      with open(path) as f:
-        parts.append(json.load(f))
-    res = merge_results(parts)
-    if FLAGS.out:
-      write_json(FLAGS.out, res)
-      print(f"wrote {FLAGS.out}")
-  elif FLAGS.from_json:
-    with open(FLAGS.from_json) as f:
-      res = json.load(f)
   if FLAGS.merge or FLAGS.from_json:
+    loaded = []
+    for path in FLAGS.merge or [FLAGS.from_json]:
+      with open(path) as f:
+        loaded.append(json.load(f))
+    res = loaded[0]
+    if FLAGS.merge:
+      res = merge_results(loaded)
+      if FLAGS.out:
+        write_json(FLAGS.out, res)
+        print(f"wrote {FLAGS.out}")
     print(fd_table(res) + "\n\n" + summary(res))
     if FLAGS.plot:
       plot(res, FLAGS.plot)

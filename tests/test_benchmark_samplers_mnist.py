@@ -79,7 +79,7 @@ def _split_by_run(saved: dict) -> list[dict]:
   whose grid holds its setting (PC at 100 NFE is in both)."""
   import copy
   parts = []
-  for i, run in enumerate(saved["runs"]):
+  for run in saved["runs"]:
     st = run["settings"]
     part = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("runs", "results", "bpd")}
     part.update(settings=st, nfes=st["nfes"], pc_nfes=st["pc_nfes"], ode_tols=st["ode_tols"],
