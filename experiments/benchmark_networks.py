@@ -72,7 +72,7 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
                                            jnp.ones((1,)), train=False))(key)
   jax.block_until_ready(variables)
   init_s = time.perf_counter() - t0
-  state = losses.init_train_state(config, model, variables, jax.random.PRNGKey(seed + 1))
+  state = losses.init_train_state(config, variables, jax.random.PRNGKey(seed + 1))
   n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))
   x = jax.random.uniform(jax.random.PRNGKey(seed + 2), shape, jnp.float32)
   x = 2 * x - 1 if config.data.centered else x

@@ -27,7 +27,8 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from score_sde import analytic, metrics, sde_lib
+from score_sde import analytic, sde_lib
+from score_sde.evaluation import metrics
 from score_sde.sampling import available_samplers, get_sampler
 from score_sde.utils import write_json
 

@@ -338,7 +338,7 @@ def get_score_model(s: Settings, config):
 
   Returns (trainer, single-device EMA params, info dict).
   """
-  from score_sde import evaluate
+  from score_sde.evaluation import evaluate
   from score_sde.train import Trainer
   workdir = os.path.join(s.workdir, f"score_model_nf{config.model.nf}_b{s.batch_size}"
                          f"_w{config.optim.warmup}_ema{config.model.ema_rate:g}_seed{s.seed}")

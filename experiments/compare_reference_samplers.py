@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_sde import metrics, sde_lib
+from score_sde import sde_lib
+from score_sde.evaluation import metrics
 from score_sde.sampling import get_sampler
 from score_sde.utils import write_json
 

@@ -50,7 +50,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   import jax
-  from score_sde import distributed, evaluate, train
+  from score_sde import distributed, train
+  from score_sde.config_validation import validate_config
+  from score_sde.evaluation import evaluate
+  from score_sde.signals import Interrupted, StopSignals
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.set_verbosity(logging.INFO)
   logging.set_stderrthreshold(logging.INFO)
@@ -60,24 +63,40 @@ def main(argv):
   config = FLAGS.config
   logging.info("JAX %s: %d process(es), %d device(s) (%s).", jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-  os.makedirs(FLAGS.workdir, exist_ok=True)
+  validate_config(config)  # every problem is named before anything is written
+  train.check_writable(FLAGS.workdir)
   with open(os.path.join(FLAGS.workdir, f"config_{FLAGS.mode}.txt"), "w") as f:
     f.write(str(config))
+  phases = []
   if FLAGS.import_checkpoint:
     from score_sde.checkpoint_import import import_to_workdir
-    step = import_to_workdir(config, FLAGS.import_checkpoint, FLAGS.workdir, ema=FLAGS.import_ema)
-    logging.info("Imported %s into %s at step %d.", FLAGS.import_checkpoint, FLAGS.workdir, step)
+
+    def import_phase():
+      step = import_to_workdir(config, FLAGS.import_checkpoint, FLAGS.workdir,
+                               ema=FLAGS.import_ema)
+      logging.info("Imported %s into %s at step %d.", FLAGS.import_checkpoint, FLAGS.workdir, step)
+    phases.append(("import", import_phase))
   if FLAGS.mode == "train_classifier":
-    from score_sde import controllable
-    controllable.train_classifier(config, FLAGS.workdir)
+    from score_sde import classifier
+    phases.append(("train_classifier", lambda: classifier.train_classifier(config, FLAGS.workdir)))
   if FLAGS.mode == "fid_stats":
-    evaluate.run_fid_stats(config, FLAGS.workdir)
+    phases.append(("fid_stats", lambda: evaluate.run_fid_stats(config, FLAGS.workdir)))
   if FLAGS.mode in ("train", "all"):
-    train.train(config, FLAGS.workdir)
+    phases.append(("train", lambda: train.train(config, FLAGS.workdir)))
   if FLAGS.mode in ("eval", "all"):
-    evaluate.run_eval(config, FLAGS.workdir)
+    phases.append(("eval", lambda: evaluate.run_eval(config, FLAGS.workdir)))
   if FLAGS.mode in ("sample", "all"):
-    evaluate.run_sample(config, FLAGS.workdir, FLAGS.checkpoint)
+    phases.append(("sample", lambda: evaluate.run_sample(config, FLAGS.workdir, FLAGS.checkpoint)))
+  # One signal policy for every mode (score_sde/signals.py): SIGTERM / SIGINT end the phase in
+  # flight at a safe point, later phases do not start, the exit status is 128 + the signal.
+  with StopSignals() as stop:
+    try:
+      for name, phase in phases:
+        stop.check(f"stopped before {name}; rerun the same command to resume.")
+        phase()
+    except Interrupted as e:
+      logging.error("%s", e)
+      sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

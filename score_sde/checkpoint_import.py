@@ -283,7 +283,7 @@ def import_to_workdir(config, path: str, workdir: str, ema: bool = True,
   raw, averaged, moments, trained = _checkpoint_parts(config, path, ema)
   step = trained if step is None else int(step)
   model = mutils.get_model(config.model.name)(config=config)
-  state = losses.init_train_state(config, model, {"params": raw},
+  state = losses.init_train_state(config, {"params": raw},
                                   jax.random.PRNGKey(int(config.seed)))
   if moments is not None:
     mu, nu = moments

@@ -19,18 +19,15 @@ given (no offsets). For 8-bit images use :func:`dequantize` and :func:`discrete_
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde.sampling.base import ScoreFn, check_eps, check_score_fn_shape, jit_with_score_fn
 from score_sde.sampling.ode import check_ode_options, probability_flow_drift, solve_per_example
-from score_sde.sampling.pc import check_score_fn_shape, jit_with_score_fn
 from score_sde.sde_lib import SDE
 
 Array = jax.Array
-ScoreFn = Callable[[Array, Array], Array]
 
 __all__ = ["HUTCHINSON_TYPES", "get_likelihood_fn", "dequantize", "discrete_bpd"]
 
@@ -70,9 +67,7 @@ def get_likelihood_fn(sde: SDE, rtol: float = 1e-5, atol: float = 1e-5, method: 
     raise ValueError(f"Unknown hutchinson_type {hutchinson_type!r}; choose one of "
                      f"{list(HUTCHINSON_TYPES)}.")
   check_ode_options(method, rtol, atol, num_steps)
-  if not 0 <= eps < sde.T:
-    raise ValueError(f"eps must be in [0, T={sde.T}), got {eps}.")
-  eps = float(eps)
+  eps = check_eps(sde, eps)
 
   def program(key, score_fn, x):
     check_score_fn_shape(score_fn, jax.ShapeDtypeStruct(x.shape, x.dtype), "likelihood")

@@ -6,10 +6,10 @@ x_t = alpha(t) x_0 + sigma(t) z, z ~ N(0, I):
   * continuous, unweighted:  l(x_0) = R(|| sigma(t) s_theta(x_t, t) + z ||^2),   t ~ U(eps, T)
   * continuous, likelihood weighting (Song et al. 2021b):
                              l(x_0) = R(|| s_theta(x_t, t) + z / sigma(t) ||^2) g(t)^2
-  * SMLD (VE, discrete):     i ~ U{0..N-1}, sigma_i = flip(discrete_sigmas)[i],
-                             l = R(|| s_theta(x_0 + sigma_i z, i) + z / sigma_i ||^2) sigma_i^2
-  * DDPM (VP, discrete):     i ~ U{0..N-1},
-                             l = R(|| eps_theta(sqrt(abar_i) x_0 + sqrt(1 - abar_i) z, i) - z ||^2)
+  * discrete (the SDE's chain, :func:`get_discrete_loss_fn`):
+      SMLD (VE):  i ~ U{0..N-1}, sigma_i = flip(discrete_sigmas)[i],
+                  l = R(|| s_theta(x_0 + sigma_i z, i) + z / sigma_i ||^2) sigma_i^2
+      DDPM (VP):  i ~ U{0..N-1}, l = R(|| eps_theta(sqrt(abar_i) x_0 + sqrt(1 - abar_i) z, i) - z ||^2)
 
 R reduces over the data dimensions: the mean (reduce_mean) or half the sum (as in the reference);
 the loss is the mean of l over the (global) batch. Every loss function has the signature
@@ -24,7 +24,7 @@ shards the batch.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from score_sde import sde_lib
+from score_sde import conditional, sde_lib
 from score_sde.models.utils import get_model_fn, get_score_fn
 from score_sde.sde_lib import batch_mul
 from score_sde.utils import data_shape
@@ -41,7 +41,7 @@ from score_sde.utils import data_shape
 Array = jax.Array
 LossFn = Callable[[Array, Any, Array], tuple[Array, dict]]
 
-__all__ = ["get_sde_loss_fn", "get_smld_loss_fn", "get_ddpm_loss_fn", "get_loss_fn", "TrainState",
+__all__ = ["get_sde_loss_fn", "get_discrete_loss_fn", "get_loss_fn", "TrainState",
            "init_train_state", "get_lr_schedule", "get_optimizer", "get_train_step_fn",
            "get_multi_step_fn", "get_eval_step_fn"]
 
@@ -58,13 +58,13 @@ def _reduce_op(reduce_mean: bool) -> Callable[[Array], Array]:
 # --- losses ------------------------------------------------------------------------------------
 def get_sde_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool, reduce_mean: bool = True,
                     continuous: bool = True, likelihood_weighting: bool = False,
-                    eps: float = 1e-5) -> LossFn:
+                    eps: float = 1e-5, parametrization: Optional[str] = None) -> LossFn:
   """Continuous-time DSM loss for any SDE.
 
   t ~ U(eps, T), z ~ N(0, I), x_t = mean(x_0, t) + sigma(t) z, s = score_fn(x_t, t):
   unweighted  l = R((s sigma + z)^2);  likelihood weighting  l = R((s + z / sigma)^2) g(t)^2;
-  loss = mean_batch(l). With ``continuous=False`` the score is read through the discrete label
-  convention of :func:`score_sde.models.utils.get_score_fn`.
+  loss = mean_batch(l). The score is read from the network through the SDE's conventions
+  (:func:`score_sde.models.utils.get_score_fn`, ``continuous`` and ``parametrization``).
   """
   if not 0.0 <= eps < sde.T:
     raise ValueError(f"Training eps must be in [0, T={sde.T}), got {eps}.")
@@ -73,7 +73,7 @@ def get_sde_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool, reduce_mean
   def loss_fn(key: Array, params: Any, batch: Array):
     t_key, z_key, dropout_key = jax.random.split(key, 3)
     model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
-    score_fn = get_score_fn(sde, model_fn, continuous=continuous)
+    score_fn = get_score_fn(sde, model_fn, continuous=continuous, parametrization=parametrization)
     t = jax.random.uniform(t_key, (batch.shape[0],), minval=eps, maxval=sde.T)
     z = jax.random.normal(z_key, batch.shape, batch.dtype)
     mean, std = sde.marginal_prob(batch, t)
@@ -89,52 +89,31 @@ def get_sde_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool, reduce_mean
   return loss_fn
 
 
-def get_smld_loss_fn(vesde: sde_lib.VESDE, model: nn.Module, train: bool,
-                     reduce_mean: bool = False) -> LossFn:
-  """SMLD (NCSN) loss: i ~ U{0..N-1}, sigma_i = flip(discrete_sigmas)[i] (descending), the network
-  sees the integer label i, target -z / sigma_i, weight sigma_i^2:
-  l = R((s_theta(x_0 + sigma_i z, i) + z / sigma_i)^2) sigma_i^2.
+def get_discrete_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool,
+                         reduce_mean: bool = True, parametrization: Optional[str] = None) -> LossFn:
+  """Loss of a discrete-time network on the SDE's discrete chain (SMLD for VE, DDPM for VP).
+
+  i ~ U{0..N-1} (the network's integer label), (a_i, s_i) = ``sde.discrete_kernel(i)``,
+  x_i = a_i x_0 + s_i z, and with (target, w) = :func:`score_sde.sde_lib.parametrization_target`
+  of the network's parametrization: l = R((out(x_i, i) - target)^2) w. So:
+
+    * DDPM (VP, eps):   l = R((eps_theta(sqrt(abar_i) x_0 + sqrt(1 - abar_i) z, i) - z)^2)
+    * SMLD (VE, score): l = R((s_theta(x_0 + sigma_i z, i) + z / sigma_i)^2) sigma_i^2,
+      sigma_i = flip(discrete_sigmas)[i] (descending).
   """
-  if not isinstance(vesde, sde_lib.VESDE):
-    raise ValueError(f"SMLD training needs a VESDE, got {type(vesde).__name__}.")
-  smld_sigmas = np.asarray(vesde.discrete_sigmas[::-1], np.float32)
+  sde.check_discrete()
+  p = sde_lib.check_parametrization(parametrization or sde.default_parametrization)
   reduce_op = _reduce_op(reduce_mean)
 
   def loss_fn(key: Array, params: Any, batch: Array):
     label_key, z_key, dropout_key = jax.random.split(key, 3)
     model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
-    labels = jax.random.randint(label_key, (batch.shape[0],), 0, vesde.N)
-    sigmas = jnp.asarray(smld_sigmas)[labels]
+    labels = jax.random.randint(label_key, (batch.shape[0],), 0, sde.N)
+    a, s = sde.discrete_kernel(labels, batch.dtype)
     z = jax.random.normal(z_key, batch.shape, batch.dtype)
-    noise = batch_mul(sigmas, z)
-    score = model_fn(batch + noise, labels)
-    target = -batch_mul(1.0 / sigmas**2, noise)
-    losses = reduce_op(jnp.square(score - target)) * sigmas**2
-    return jnp.mean(losses), {"losses": losses, "labels": labels, "noise": z}
-
-  return loss_fn
-
-
-def get_ddpm_loss_fn(vpsde: sde_lib.VPSDE, model: nn.Module, train: bool,
-                     reduce_mean: bool = True) -> LossFn:
-  """DDPM loss: i ~ U{0..N-1}, x_i = sqrt(abar_i) x_0 + sqrt(1 - abar_i) z, the network sees the
-  integer label i and predicts z: l = R((eps_theta(x_i, i) - z)^2).
-  """
-  if not isinstance(vpsde, sde_lib.VPSDE):
-    raise ValueError(f"DDPM training needs a VPSDE, got {type(vpsde).__name__}.")
-  vpsde.check_ddpm_chain()
-  sqrt_ab = np.asarray(vpsde.sqrt_alphas_cumprod, np.float32)
-  sqrt_1m_ab = np.asarray(vpsde.sqrt_1m_alphas_cumprod, np.float32)
-  reduce_op = _reduce_op(reduce_mean)
-
-  def loss_fn(key: Array, params: Any, batch: Array):
-    label_key, z_key, dropout_key = jax.random.split(key, 3)
-    model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
-    labels = jax.random.randint(label_key, (batch.shape[0],), 0, vpsde.N)
-    z = jax.random.normal(z_key, batch.shape, batch.dtype)
-    x_i = batch_mul(jnp.asarray(sqrt_ab)[labels], batch) + batch_mul(
-        jnp.asarray(sqrt_1m_ab)[labels], z)
-    losses = reduce_op(jnp.square(model_fn(x_i, labels) - z))
+    x_i = batch_mul(a, batch) + batch_mul(s, z)
+    target, weight = sde_lib.parametrization_target(p, batch, z, a, s)
+    losses = reduce_op(jnp.square(model_fn(x_i, labels) - target)) * weight
     return jnp.mean(losses), {"losses": losses, "labels": labels, "noise": z}
 
   return loss_fn
@@ -144,30 +123,27 @@ def get_loss_fn(config, sde: sde_lib.SDE, model: nn.Module, train: bool) -> Loss
   """The loss ``config.training`` asks for; checks the batch shape against the config at trace time.
 
   continuous -> :func:`get_sde_loss_fn` (reduce_mean, likelihood_weighting from the config);
-  discrete: VE -> SMLD, VP -> DDPM, sub-VP -> error (it has no discrete chain).
+  discrete -> :func:`get_discrete_loss_fn` on the SDE's chain (an SDE without one is an error).
+  A class-conditional model (``config.model.num_classes``) takes ``batch = {'image', 'label'}``.
   """
   tc = config.training
+  parametrization = config.model.get("parametrization", None) or None
   if tc.continuous:
     make_inner = lambda m: get_sde_loss_fn(sde, m, train, reduce_mean=tc.reduce_mean,
                                            continuous=True,
-                                           likelihood_weighting=tc.likelihood_weighting)
+                                           likelihood_weighting=tc.likelihood_weighting,
+                                           parametrization=parametrization)
   else:
     if tc.likelihood_weighting:
       raise ValueError("Likelihood weighting needs continuous training: set "
                        "config.training.continuous=True or likelihood_weighting=False.")
-    if isinstance(sde, sde_lib.VESDE):
-      make_inner = lambda m: get_smld_loss_fn(sde, m, train, reduce_mean=tc.reduce_mean)
-    elif isinstance(sde, sde_lib.VPSDE):
-      make_inner = lambda m: get_ddpm_loss_fn(sde, m, train, reduce_mean=tc.reduce_mean)
-    else:
-      raise ValueError(f"Discrete training is defined for VE (SMLD) and VP (DDPM) only, not "
-                       f"{type(sde).__name__}: set config.training.continuous=True.")
+    make_inner = lambda m: get_discrete_loss_fn(sde, m, train, reduce_mean=tc.reduce_mean,
+                                                parametrization=parametrization)
   expected = data_shape(config)
-  from score_sde import controllable  # class-conditional models (config.model.num_classes)
-  num_classes = controllable.num_classes_of(config)
+  num_classes = conditional.num_classes_of(config)
   if num_classes:
     return _conditional_loss_fn(make_inner, model, expected, num_classes,
-                                controllable.label_dropout_of(config) if train else 0.0)
+                                conditional.label_dropout_of(config) if train else 0.0)
   inner = make_inner(model)
 
   def loss_fn(key: Array, params: Any, batch: Array):
@@ -187,8 +163,6 @@ def _conditional_loss_fn(make_inner, model, expected, num_classes: int,
   (classifier-free guidance training). A plain array batch trains / evaluates the unconditional
   (null-label) score.
   """
-  from score_sde.controllable import _WithClassLabels
-
   def loss_fn(key: Array, params: Any, batch):
     if isinstance(batch, dict):
       x, labels = batch["image"], batch["label"]
@@ -205,7 +179,7 @@ def _conditional_loss_fn(make_inner, model, expected, num_classes: int,
       if label_dropout > 0:
         drop = jax.random.uniform(drop_key, labels.shape) < label_dropout
         labels = jnp.where(drop, num_classes, labels)
-    return make_inner(_WithClassLabels(model, labels))(key, params, x)
+    return make_inner(conditional.WithClassLabels(model, labels))(key, params, x)
 
   return loss_fn
 
@@ -291,10 +265,9 @@ def _params_of(variables: Any) -> Any:
   return variables
 
 
-def init_train_state(config, model: nn.Module, variables: Any, key: Array) -> TrainState:
+def init_train_state(config, variables: Any, key: Array) -> TrainState:
   """Fresh state: step 0, params = variables['params'], EMA = params, optimizer state of
-  :func:`get_optimizer`. ``model`` is accepted for symmetry with the step builders (unused)."""
-  del model
+  :func:`get_optimizer`."""
   params = _params_of(variables)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
@@ -303,18 +276,21 @@ def init_train_state(config, model: nn.Module, variables: Any, key: Array) -> Tr
                     ema_params=jax.tree.map(jnp.array, params), key=jnp.asarray(key))
 
 
-def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module):
+def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module,
+                      loss_fn: Optional[LossFn] = None):
   """``step(state, batch [batch, *data_shape]) -> (state, metrics)``: one optimizer update.
 
   key, loss_key = split(state.key); (loss, grads) = value_and_grad(loss_fn)(loss_key, params, batch);
   params <- optax update; ema <- rate ema + (1 - rate) params (rate = config.model.ema_rate);
   step <- step + 1. metrics = {'loss', 'grad_norm' (global norm before clipping), 'lr' (the
-  learning rate this update used)}. The loss is the mean over the whole (global) batch, so the
+  learning rate this update used)} and the loss's own ``aux['metrics']`` if it reports any.
+  ``loss_fn`` defaults to the score-model loss of :func:`get_loss_fn` (a classifier, say, passes its
+  own ``loss_fn(key, params, batch) -> (loss, aux)``). The loss is the mean over the whole (global) batch, so the
   caller may shard the batch however it likes. With config.training.nan_policy == 'skip' an update
   whose loss or gradient is not finite leaves params, EMA and optimizer state unchanged (step and
   key still advance); with 'stop' (default) it is applied and the caller stops on the metrics.
   """
-  loss_fn = get_loss_fn(config, sde, model, train=True)
+  loss_fn = loss_fn or get_loss_fn(config, sde, model, train=True)
   tx = get_optimizer(config)
   schedule = get_lr_schedule(config)
   rate = float(config.model.ema_rate)
@@ -328,7 +304,7 @@ def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module):
 
   def step_fn(state: TrainState, batch: Array) -> tuple[TrainState, dict]:
     key, loss_key = jax.random.split(state.key)
-    (loss, _), grads = grad_fn(loss_key, state.params, batch)
+    (loss, aux), grads = grad_fn(loss_key, state.params, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -341,7 +317,7 @@ def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module):
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema_params, key=key)
     metrics = {"loss": loss, "grad_norm": grad_norm,
-               "lr": jnp.asarray(schedule(state.step), jnp.float32)}
+               "lr": jnp.asarray(schedule(state.step), jnp.float32), **aux.get("metrics", {})}
     return new_state, metrics
 
   return step_fn

@@ -15,7 +15,8 @@ Shapes: ``x`` is ``[batch, *data_shape]`` and ``t`` is ``[batch]``. Per-example 
 from __future__ import annotations
 
 import abc
-from typing import Callable
+import inspect
+from typing import Any, Callable, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,8 @@ import numpy as np
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
-__all__ = ["SDE", "VPSDE", "subVPSDE", "VESDE", "batch_mul", "get_sde", "SDES"]
+__all__ = ["SDE", "VPSDE", "subVPSDE", "VESDE", "batch_mul", "get_sde", "SDES", "PARAMETRIZATIONS",
+           "check_parametrization", "output_to_score", "parametrization_target"]
 
 
 def batch_mul(a: Array, x: Array) -> Array:
@@ -37,8 +39,86 @@ def _sum_except_batch(x: Array) -> Array:
   return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
 
 
+# --- output parametrizations ------------------------------------------------------------------
+# With x_t = alpha x_0 + sigma n, every network target is an exact function of (x_t, t) and of the
+# score s = -n / sigma = (alpha x_0 - x_t) / sigma^2:
+#   'score': s                 'eps': n = -sigma s
+#   'x0':    x_0 = (x_t + sigma^2 s) / alpha
+#   'v':     v = alpha n - sigma x_0, so n = (sigma x_t + alpha v) / (alpha^2 + sigma^2).
+def _score_from_eps(out, x, alpha, sigma):
+  return -batch_mul(1.0 / sigma, out)
+
+
+def _score_from_x0(out, x, alpha, sigma):
+  return batch_mul(1.0 / sigma**2, batch_mul(alpha, out) - x)
+
+
+def _score_from_v(out, x, alpha, sigma):
+  eps = batch_mul(1.0 / (alpha**2 + sigma**2), batch_mul(sigma, x) + batch_mul(alpha, out))
+  return _score_from_eps(eps, x, alpha, sigma)
+
+
+PARAMETRIZATIONS: dict[str, Callable[[Array, Array, Array, Array], Array]] = {
+    "score": lambda out, x, alpha, sigma: out,
+    "eps": _score_from_eps,
+    "x0": _score_from_x0,
+    "v": _score_from_v,
+}
+
+
+def check_parametrization(parametrization: str) -> str:
+  """``parametrization`` if it is a key of :data:`PARAMETRIZATIONS`; ValueError naming them else."""
+  if parametrization not in PARAMETRIZATIONS:
+    raise ValueError(f"Unknown output parametrization {parametrization!r} (config.model."
+                     f"parametrization); choose one of {sorted(PARAMETRIZATIONS)}.")
+  return parametrization
+
+
+def output_to_score(parametrization: str, output: Array, x: Array, alpha: Array,
+                    sigma: Array) -> Array:
+  """The score of x_t = alpha x_0 + sigma n from a network output of the given parametrization.
+
+  ``output`` and ``x`` are ``[batch, ...]``, ``alpha`` and ``sigma`` ``[batch]``.
+  """
+  return PARAMETRIZATIONS[check_parametrization(parametrization)](output, x, alpha, sigma)
+
+
+def parametrization_target(parametrization: str, x0: Array, noise: Array, alpha: Array,
+                           sigma: Array) -> tuple[Array, Array]:
+  """``(target [batch, ...], weight [batch])`` of the denoising loss in a parametrization.
+
+  For x_t = alpha x_0 + sigma n the network regresses ``target`` (score -n / sigma, eps n, x0,
+  or v = alpha n - sigma x_0); ``weight`` turns its squared error into the squared error of the
+  implied eps-prediction, ||eps_hat - n||^2 = weight ||out - target||^2 (per example):
+  sigma^2 (score), 1 (eps), alpha^2 / sigma^2 (x0), alpha^2 / (alpha^2 + sigma^2)^2 (v).
+  """
+  check_parametrization(parametrization)
+  if parametrization == "score":
+    return -batch_mul(1.0 / sigma**2, batch_mul(sigma, noise)), sigma**2
+  if parametrization == "eps":
+    return noise, jnp.ones_like(sigma)
+  if parametrization == "x0":
+    return x0, (alpha / sigma) ** 2
+  return batch_mul(alpha, noise) - batch_mul(sigma, x0), (alpha / (alpha**2 + sigma**2)) ** 2
+
+
+# --- the SDE base class -----------------------------------------------------------------------
+SDES: dict[str, type["SDE"]] = {}
+
+
 class SDE(abc.ABC):
   """dx = f(x, t) dt + g(t) dw on t in [0, T], with a Gaussian perturbation kernel.
+
+  A subclass defines the equations (``sde``, ``marginal_coef``, the prior and the inverse of the
+  log-SNR) and, by default, gets everything else. Declared as ``class MySDE(SDE, name='mysde')``
+  it is registered: ``config.training.sde = 'mysde'`` builds it with :meth:`from_config`.
+
+  Conventions it owns (so models, losses and samplers never switch on the SDE's class):
+    * :meth:`noise_label`: what a continuous-time network sees for time t.
+    * ``default_parametrization``: what its network outputs ('eps' here; see
+      :data:`PARAMETRIZATIONS`), mapped to a score by :meth:`score_from_output`.
+    * the discrete chain (``discrete_chain``: None, or 'ddpm' / 'smld'): :meth:`discrete_noise_label`
+      and :meth:`discrete_kernel` for discrete-time training and networks.
 
   Attributes:
     N: number of discretization steps (sampling and discrete training).
@@ -48,11 +128,57 @@ class SDE(abc.ABC):
 
   T: float = 1.0
   sampling_eps: float = 1e-3
+  name: ClassVar[Optional[str]] = None
+  default_parametrization: ClassVar[str] = "eps"
+  discrete_chain: ClassVar[Optional[str]] = None
+
+  def __init_subclass__(cls, name: Optional[str] = None, **kwargs):
+    super().__init_subclass__(**kwargs)
+    cls.name = name
+    if name is not None:
+      key = name.lower()
+      if key in SDES and SDES[key].__qualname__ != cls.__qualname__:
+        raise ValueError(f"An SDE named {key!r} is already registered ({SDES[key].__name__}).")
+      SDES[key] = cls
+
+  def __new__(cls, *args, **kwargs):
+    self = super().__new__(cls)
+    bound = inspect.signature(cls.__init__).bind_partial(self, *args, **kwargs)
+    bound.apply_defaults()
+    self._params = {k: v for k, v in bound.arguments.items() if k != "self"}
+    return self
 
   def __init__(self, N: int):
     if int(N) < 1:
       raise ValueError(f"SDE needs N >= 1 discretization steps, got N={N}.")
     self.N = int(N)
+
+  # --- construction -----------------------------------------------------------------------------
+  @classmethod
+  def from_config(cls, config) -> "SDE":
+    """Builds the SDE from ``config.model``: each constructor argument is read from the field of
+    the same name (``N`` from ``num_scales``); a field that is absent or None keeps the default."""
+    kwargs = {}
+    for arg, p in inspect.signature(cls.__init__).parameters.items():
+      if arg == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        continue
+      field = "num_scales" if arg == "N" else arg
+      value = config.model.get(field, None)
+      if value is not None:
+        kwargs[arg] = value
+    return cls(**kwargs)
+
+  def params(self) -> dict[str, Any]:
+    """The constructor arguments this SDE was built with (defaults filled in)."""
+    return dict(self._params)
+
+  def replace(self, **changes) -> "SDE":
+    """A copy with some constructor arguments changed, e.g. ``sde.replace(N=100)``."""
+    return type(self)(**{**self._params, **changes})
+
+  def __repr__(self) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in self._params.items())
+    return f"{type(self).__name__}({args})"
 
   # --- the equations each SDE defines -----------------------------------------------------
   @abc.abstractmethod
@@ -116,6 +242,44 @@ class SDE(abc.ABC):
     """
     return ReverseSDE(self, score_fn, probability_flow)
 
+  # --- network conventions -------------------------------------------------------------------
+  def noise_label(self, t: Array) -> Array:
+    """The label a continuous-time network sees at time t ``[batch]``: 999 t / T (the reference's
+    VP / sub-VP convention); VE overrides it with sigma(t)."""
+    return t * (999.0 / self.T)
+
+  def score_from_output(self, output: Array, x: Array, t: Array,
+                        parametrization: Optional[str] = None, continuous: bool = True) -> Array:
+    """The score at (x, t) from the network output of ``parametrization`` (None: this SDE's
+    ``default_parametrization``), through the marginal (alpha(t), sigma(t)) or, with
+    ``continuous=False``, the discrete chain's (alpha_i, sigma_i) at step
+    :meth:`discrete_noise_label`."""
+    p = check_parametrization(parametrization or self.default_parametrization)
+    if p == "score":
+      return output
+    if continuous:
+      alpha, sigma = self.marginal_coef(t)
+    else:
+      alpha, sigma = self.discrete_kernel(self.discrete_noise_label(t), x.dtype)
+    return PARAMETRIZATIONS[p](output, x, alpha, sigma)
+
+  def check_discrete(self) -> None:
+    """Raises ValueError unless this SDE has a discrete chain (discrete training / networks)."""
+    if self.discrete_chain is None:
+      raise ValueError(f"{type(self).__name__} has no discrete chain, so discrete-time training "
+                       "and networks are undefined: set config.training.continuous=True.")
+
+  def discrete_noise_label(self, t: Array) -> Array:
+    """The label a discrete-time network sees at time t (the chain's step)."""
+    self.check_discrete()
+    raise NotImplementedError
+
+  def discrete_kernel(self, labels: Array, dtype=jnp.float32) -> tuple[Array, Array]:
+    """``(alpha_i, sigma_i) [batch]`` of the discrete chain's marginal x_i = alpha_i x_0 + sigma_i z
+    at the steps ``labels`` (as :meth:`discrete_noise_label` gives them)."""
+    self.check_discrete()
+    raise NotImplementedError
+
 
 class ReverseSDE:
   """Reverse-time SDE / probability-flow ODE of a forward :class:`SDE` for a given score."""
@@ -153,12 +317,15 @@ def _standard_normal_logp(z: Array, scale: float = 1.0) -> Array:
   return -0.5 * d * np.log(2 * np.pi * scale**2) - _sum_except_batch(z**2) / (2 * scale**2)
 
 
-class VPSDE(SDE):
+class VPSDE(SDE, name="vpsde"):
   """Variance-preserving SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw.
 
   beta(t) = beta_min + t (beta_max - beta_min). Its N-step discretization is the DDPM chain with
-  betas linspace(beta_min / N, beta_max / N, N).
+  betas linspace(beta_min / N, beta_max / N, N). Networks predict eps = -sigma(t) score and see
+  999 t (continuous) or the DDPM step t (N - 1) (discrete).
   """
+
+  discrete_chain = "ddpm"
 
   def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
     super().__init__(N)
@@ -172,6 +339,11 @@ class VPSDE(SDE):
     with np.errstate(invalid="ignore"):  # NaN when N < beta_max; check_ddpm_chain() says so
       self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
       self.sqrt_1m_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+
+  def check_discrete(self) -> None:
+    """The DDPM chain exists and is valid (:meth:`check_ddpm_chain`)."""
+    super().check_discrete()
+    self.check_ddpm_chain()
 
   def check_ddpm_chain(self) -> None:
     """Raise unless the N-step DDPM chain is valid (every beta_i = beta(t_i) / N below 1).
@@ -224,8 +396,19 @@ class VPSDE(SDE):
     f = batch_mul(jnp.sqrt(alpha), x) - x
     return f, jnp.sqrt(beta)
 
+  def discrete_noise_label(self, t):
+    """The DDPM step t (N - 1) (a float; the network embeds it as is)."""
+    return t * (self.N - 1)
 
-class subVPSDE(SDE):
+  def discrete_kernel(self, labels, dtype=jnp.float32):
+    """(sqrt(alphabar_i), sqrt(1 - alphabar_i)) at i = int(labels)."""
+    self.check_discrete()
+    i = jnp.asarray(labels).astype(jnp.int32)
+    return (jnp.asarray(self.sqrt_alphas_cumprod, dtype)[i],
+            jnp.asarray(self.sqrt_1m_alphas_cumprod, dtype)[i])
+
+
+class subVPSDE(SDE, name="subvpsde"):
   """sub-VP SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw.
 
   Same drift and mean as VP; its std is 1 - alpha(t)^2, always below the VP std.
@@ -264,14 +447,17 @@ class subVPSDE(SDE):
     return self._t_from_log_alpha(jnp.log(alpha))
 
 
-class VESDE(SDE):
+class VESDE(SDE, name="vesde"):
   """Variance-exploding SDE: dx = sigma(t) sqrt(2 log(sigma_max / sigma_min)) dw.
 
   sigma(t) = sigma_min (sigma_max / sigma_min)^t; the N-step discretization is the SMLD chain
-  over geometric noise levels; the prior is N(0, sigma_max^2 I).
+  over geometric noise levels; the prior is N(0, sigma_max^2 I). Networks output the score and
+  see sigma(t) (continuous) or the SMLD step round((T - t)(N - 1)), 0 = sigma_max (discrete).
   """
 
   sampling_eps = 1e-5
+  default_parametrization = "score"
+  discrete_chain = "smld"
 
   def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
     super().__init__(N)
@@ -309,17 +495,25 @@ class VESDE(SDE):
     adjacent = jnp.where(timestep == 0, jnp.zeros_like(t), sigmas[jnp.maximum(timestep - 1, 0)])
     return jnp.zeros_like(x), jnp.sqrt(sigma**2 - adjacent**2)
 
+  def noise_label(self, t):
+    """sigma(t) (NCSN++ conditions on log sigma through Fourier features)."""
+    return self.marginal_coef(t)[1]
 
-SDES: dict[str, type[SDE]] = {"vpsde": VPSDE, "subvpsde": subVPSDE, "vesde": VESDE}
+  def discrete_noise_label(self, t):
+    """The SMLD step round((T - t)(N - 1)), int32: 0 is sigma_max, N - 1 is sigma_min."""
+    return jnp.round((self.T - t) * (self.N - 1)).astype(jnp.int32)
+
+  def discrete_kernel(self, labels, dtype=jnp.float32):
+    """(1, sigma_i) with sigma_i = flip(discrete_sigmas)[labels] (descending noise levels)."""
+    sigmas = jnp.asarray(self.discrete_sigmas[::-1], dtype)[labels]
+    return jnp.ones_like(sigmas), sigmas
 
 
 def get_sde(config) -> SDE:
-  """Builds the SDE named by ``config.training.sde`` from ``config.model`` fields."""
+  """Builds the SDE registered under ``config.training.sde`` (:data:`SDES`) from ``config.model``
+  (:meth:`SDE.from_config`)."""
   name = str(config.training.sde).lower()
   if name not in SDES:
     raise ValueError(
         f"Unknown SDE {config.training.sde!r} in config.training.sde; choose one of {sorted(SDES)}.")
-  m = config.model
-  if name == "vesde":
-    return VESDE(sigma_min=m.sigma_min, sigma_max=m.sigma_max, N=m.num_scales)
-  return SDES[name](beta_min=m.beta_min, beta_max=m.beta_max, N=m.num_scales)
+  return SDES[name].from_config(config)

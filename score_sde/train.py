@@ -8,12 +8,12 @@ restarted from a checkpoint continues exactly where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import signal
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +22,12 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from score_sde import datasets, losses, sde_lib
+from score_sde import conditional, datasets, likelihood, losses, sde_lib
 from score_sde import sampling as sampling_lib
 from score_sde.checkpointing import Checkpoints
 from score_sde.config_validation import validate_config
 from score_sde.models import create_model, get_model_fn, get_score_fn
+from score_sde.signals import StopSignals
 from score_sde.utils import data_shape
 
 
@@ -40,14 +41,31 @@ def make_mesh() -> Mesh:
   return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
+@dataclasses.dataclass
+class Task:
+  """What a :class:`Trainer` trains: a network, its initial variables and its loss.
+
+  The default task (``Trainer(config)``) is the score model of ``config``; a noise-conditional
+  classifier (:func:`score_sde.classifier.classifier_task`) is another. ``loss_fn(key, params,
+  batch) -> (loss, aux)`` with ``aux['metrics']`` logged if present; ``with_labels``: batches are
+  ``{'image', 'label'}`` dicts.
+  """
+  model: Any
+  variables: Any
+  loss_fn: Optional[Callable] = None
+  with_labels: bool = False
+
+
 class Trainer:
   """Builds everything a run needs from a config; :meth:`train` runs the loop.
 
   Attributes of interest to notebooks and tests: ``sde``, ``model``, ``state`` (the replicated
-  :class:`score_sde.losses.TrainState`), ``mesh``, ``score_fn(params)``.
+  :class:`score_sde.losses.TrainState`), ``mesh``, ``score_fn(params)``. The jitted programs
+  (train steps, eval loss, sampling, likelihood) are built once per Trainer.
   """
 
-  def __init__(self, config, workdir: Optional[str] = None, mesh: Optional[Mesh] = None):
+  def __init__(self, config, workdir: Optional[str] = None, mesh: Optional[Mesh] = None,
+               task: Optional[Task] = None):
     validate_config(config)
     self.config = config
     self.workdir = workdir
@@ -57,28 +75,36 @@ class Trainer:
     self.shape = data_shape(config)
     key = jax.random.PRNGKey(config.seed)
     init_key, state_key = jax.random.split(key)
-    self.model, variables = create_model(config, init_key)
-    state = losses.init_train_state(config, self.model, variables, state_key)
+    if task is None:
+      model, variables = create_model(config, init_key)
+      task = Task(model, variables, with_labels=bool(conditional.num_classes_of(config)))
+    self.task = task
+    self.model = task.model
+    state = losses.init_train_state(config, task.variables, state_key)
     self.state = jax.device_put(state, self.replicated)
     self.scaler = datasets.get_data_scaler(config)
     self.inverse_scaler = datasets.get_data_inverse_scaler(config)
     n = int(config.training.n_jitted_steps)
-    step_fn = _flag_nonfinite(losses.get_train_step_fn(config, self.sde, self.model))
+    step_fn = _flag_nonfinite(losses.get_train_step_fn(config, self.sde, self.model,
+                                                       loss_fn=task.loss_fn))
     self._multi_step = jax.jit(
         losses.get_multi_step_fn(step_fn, n),
         in_shardings=(self.replicated, NamedSharding(self.mesh, P(None, "data"))),
         out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-    self._eval_step = jax.jit(losses.get_eval_step_fn(config, self.sde, self.model))
+    self._eval_loss = None
+    self._sample_fns: dict[int, Callable] = {}
+    self._likelihood_fns: dict[tuple, Callable] = {}
     self.checkpoints = None
     if workdir:
-      _check_writable(workdir)
+      check_writable(workdir)
       self.checkpoints = Checkpoints(workdir, config.training.max_to_keep)
 
   # --- pieces usable on their own ---------------------------------------------------------------
   def score_fn(self, params: Any):
     """``score_fn(x, t)`` of the network with ``params`` (e.g. ``state.ema_params``)."""
     return get_score_fn(self.sde, get_model_fn(self.model, params, train=False),
-                        continuous=self.config.training.continuous)
+                        continuous=self.config.training.continuous,
+                        parametrization=self.config.model.get("parametrization", None) or None)
 
   def restore(self) -> int:
     """Restores the newest checkpoint in the workdir, if any; returns the step reached."""
@@ -89,15 +115,20 @@ class Trainer:
         logging.info("Restored checkpoint at step %d from %s.", step, self.workdir)
     return int(jax.device_get(self.state.step))
 
+  def close(self) -> None:
+    """Closes the checkpoint managers (waits for pending writes)."""
+    if self.checkpoints is not None:
+      self.checkpoints.close()
+
   def global_batch(self, local_batches: list[dict]) -> jax.Array:
-    """Stacks n process-local batches into one ``[n, global_batch, ...]`` array sharded on axis 1."""
+    """Stacks n process-local batches into one ``[n, global_batch, ...]`` array sharded on axis 1
+    (a ``{'image', 'label'}`` dict when the task trains on labels)."""
     local = np.stack([self.scaler(b["image"]) for b in local_batches]).astype(np.float32)
     sharding = NamedSharding(self.mesh, P(None, "data"))
     global_shape = (local.shape[0], local.shape[1] * jax.process_count()) + local.shape[2:]
     images = jax.make_array_from_process_local_data(sharding, local, global_shape)
-    if not self.config.model.get("num_classes", None):
+    if not self.task.with_labels:
       return images
-    # Class-conditional model: the loss also takes the labels (score_sde.controllable).
     labels = np.stack([b["label"] for b in local_batches]).astype(np.int32)
     return {"image": images, "label": jax.make_array_from_process_local_data(
         sharding, labels, global_shape[:2])}
@@ -107,23 +138,43 @@ class Trainer:
     self.state, metrics = self._multi_step(self.state, self.global_batch(local_batches))
     return metrics
 
+  def eval_loss(self, batch: jax.Array, key: jax.Array) -> jax.Array:
+    """The training loss of the EMA params on ``batch`` (no dropout), one compiled program."""
+    if self._eval_loss is None:
+      self._eval_loss = jax.jit(losses.get_eval_step_fn(self.config, self.sde, self.model))
+    return self._eval_loss(self.state, batch, key)
+
   def sample(self, key: jax.Array, num_samples: int, params: Any = None):
     """Samples with the configured sampler and the EMA params; returns (samples in data space, nfe)."""
     params = self.state.ema_params if params is None else params
     batch = min(int(self.config.sampling.batch_size), num_samples)
-    sampler = sampling_lib.get_sampler_from_config(self.config, self.sde, (batch,) + self.shape)
-    fn = jax.jit(lambda p, k: sampler(k, self.score_fn(p)))
+    if batch not in self._sample_fns:
+      sampler = sampling_lib.get_sampler_from_config(self.config, self.sde,
+                                                     (batch,) + self.shape)
+      self._sample_fns[batch] = jax.jit(lambda p, k: sampler(k, self.score_fn(p)))
+    fn = self._sample_fns[batch]
     out, nfe = [], 0
     for i in range(math.ceil(num_samples / batch)):
       x, nfe = fn(params, jax.random.fold_in(key, i))
       out.append(np.asarray(self.inverse_scaler(x)))
     return np.concatenate(out)[:num_samples], int(nfe)
 
+  def likelihood_fn(self, hutchinson_type: str, rtol: float, atol: float) -> Callable:
+    """``fn(params, key, x) -> (bpd, z, nfe)``: the PF-ODE likelihood of the network with
+    ``params`` (:func:`score_sde.likelihood.get_likelihood_fn`), built once per setting."""
+    setting = (str(hutchinson_type), float(rtol), float(atol))
+    if setting not in self._likelihood_fns:
+      lik = likelihood.get_likelihood_fn(self.sde, rtol=setting[1], atol=setting[2],
+                                         hutchinson_type=setting[0])
+      self._likelihood_fns[setting] = jax.jit(lambda p, k, x: lik(k, self.score_fn(p), x))
+    return self._likelihood_fns[setting]
+
   # --- the loop ------------------------------------------------------------------------------
   def train(self) -> dict:
     """Trains to ``config.training.n_iters``, resuming from the workdir; returns the last metrics.
 
-    SIGTERM / SIGINT stop the loop after the step in flight and write a checkpoint first.
+    SIGTERM / SIGINT stop the loop after the compiled call in flight, write a checkpoint and raise
+    :class:`score_sde.signals.Interrupted` (:mod:`score_sde.signals`).
     Non-finite losses or gradients stop the run naming the step (``nan_policy='stop'``, before any
     checkpoint is written) or skip those updates (``'skip'``, counted in the logs).
     """
@@ -134,15 +185,15 @@ class Trainer:
       logging.info("Already trained to step %d >= n_iters=%d.", step, cfg.n_iters)
       return {}
     ds = datasets.get_dataset(self.config, "train", start_step=step)
-    writer = _summary_writer(self.workdir)
+    writer = summary_writer(self.workdir)
     sample_key = jax.random.PRNGKey(self.config.seed + 1)
     t0, step0, last, skipped = time.time(), step, {}, 0
-    with _StopSignals() as stop:
+    with StopSignals() as stop:
       while step < cfg.n_iters:
         metrics = self.train_steps([next(ds) for _ in range(n)])
         bad = np.asarray(jax.device_get(metrics["nonfinite"]))
         if bad.any():
-          if cfg.get("nan_policy", "stop") == "stop":
+          if str(cfg.get("nan_policy", "stop")).lower() == "stop":
             first = step + int(np.argmax(bad)) + 1
             raise FloatingPointError(
                 f"Non-finite loss or gradients at step {first}; no checkpoint was written after "
@@ -172,8 +223,12 @@ class Trainer:
           elif step % cfg.snapshot_freq_for_preemption == 0 or stop.requested:
             self._save(step, snapshot=False)
         if stop.requested:
-          logging.warning("Received %s at step %d: checkpoint written, exiting.", stop.name, step)
-          break
+          if writer:
+            writer.close()
+          saved = ("checkpoint written" if self.checkpoints is not None
+                   else "no --workdir, nothing saved")
+          stop.check(f"training stopped at step {step}: {saved}, exiting; rerun the same "
+                     "command to resume.")
     if writer:
       writer.close()
     return last
@@ -211,30 +266,7 @@ def _flag_nonfinite(step_fn):
   return flagged
 
 
-class _StopSignals:
-  """Turns SIGTERM / SIGINT into a flag the loop checks after each compiled call."""
-
-  def __init__(self):
-    self.requested, self.name, self._old = False, None, {}
-
-  def _handler(self, signum, frame):
-    del frame
-    self.requested, self.name = True, signal.Signals(signum).name
-
-  def __enter__(self):
-    import threading
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handler)
-    return self
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-    return False
-
-
-def _check_writable(workdir: str) -> None:
+def check_writable(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir):
@@ -243,7 +275,7 @@ def _check_writable(workdir: str) -> None:
     raise OSError(f"--workdir {workdir} is not writable ({e}); choose another directory.") from e
 
 
-def _summary_writer(workdir: Optional[str]):
+def summary_writer(workdir: Optional[str]):
   if workdir is None or jax.process_index() != 0:
     return None
   from tensorboardX import SummaryWriter
@@ -262,4 +294,4 @@ def train(config, workdir: str) -> dict:
   try:
     return trainer.train()
   finally:
-    trainer.checkpoints.close()
+    trainer.close()

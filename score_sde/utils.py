@@ -18,6 +18,14 @@ def data_shape(config) -> tuple[int, ...]:
   return (int(data.image_size), int(data.image_size), int(data.num_channels))
 
 
+def read_json(path: str, default: Any = None) -> Any:
+  """The JSON value stored at ``path``, or ``default`` when there is no such file."""
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
 def write_json(path: str, obj: Any) -> None:
   """Write ``obj`` as JSON to ``path`` atomically (temp file + rename), creating its directory:
   a reader, or a run killed mid-write, sees the old file or the new one, never half of one."""

@@ -26,7 +26,7 @@ def restore_train_state(cfg, workdir, step):
   from score_sde.models import utils as mutils
   model = mutils.get_model(cfg.model.name)(config=cfg)
   target = jax.eval_shape(lambda p: losses.init_train_state(
-      cfg, model, {"params": p}, jax.random.PRNGKey(0)), ci.model_param_shapes(cfg))
+      cfg, {"params": p}, jax.random.PRNGKey(0)), ci.model_param_shapes(cfg))
   checkpoints = Checkpoints(workdir)
   try:
     assert checkpoints.snapshot_steps() == [step]

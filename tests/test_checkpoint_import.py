@@ -145,7 +145,7 @@ def test_mismatch_names_first_path(tmp_path):
 
 def test_import_to_workdir_then_sample(tmp_path):
   """Released checkpoint -> orbax workdir (params, EMA, Adam moments, step) -> --mode sample."""
-  from score_sde import evaluate
+  from score_sde.evaluation import evaluate
   cfg = _config("ve.cifar10_ncsnpp_continuous")
   cfg.sampling.method = "pc"
   cfg.sampling.predictor = "reverse_diffusion"

@@ -104,7 +104,7 @@ def test_trained_conditional_model_cfg_hits_the_right_component():
   sampler = get_sampler("dpm_solver", trainer.sde, (B, 2), nfe=16)
   hit = {}
   for w in (0.0, 3.0):
-    x, _ = sampler(jax.random.PRNGKey(0), C.classifier_free_guidance(score, 4, w, labels=y))
+    x, _ = sampler(jax.random.PRNGKey(0), C.classifier_free_guidance(score, y, w))
     hit[w] = float(jnp.mean(jnp.argmax(mix.posterior(x), -1) == y))
   assert hit[0.0] < 0.35, hit  # unconditional: about 1 / K
   assert hit[3.0] > hit[0.0] + 0.15, hit

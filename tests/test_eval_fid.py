@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from score_sde import evaluate
+from score_sde.evaluation import evaluate
 from score_sde.evaluation import image_eval, inception, metrics, weights
 from score_sde.train import Trainer
 

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_sde import analytic, metrics, sde_lib
+from score_sde import analytic, sde_lib
+from score_sde.evaluation import metrics
 from score_sde.sampling import available_samplers, get_sampler
 from score_sde.sampling.schedules import get_time_steps, kernel_np, start_scale
 

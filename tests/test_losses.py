@@ -82,7 +82,7 @@ def test_sde_loss_matches_hand_computation(kind, reduce_mean, lw):
 
 def test_smld_loss_matches_hand_computation():
   x0 = _batch(256)
-  loss, aux = losses.get_smld_loss_fn(_sde("ve"), Affine(), train=True)(
+  loss, aux = losses.get_discrete_loss_fn(_sde("ve"), Affine(), train=True, reduce_mean=False)(
       jax.random.PRNGKey(4), _params(), x0)
   i, z = np.asarray(aux["labels"]), np.asarray(aux["noise"], np.float64)
   assert i.dtype.kind == "i" and i.min() >= 0 and i.max() <= N - 1 and i.max() - i.min() > N / 2
@@ -94,7 +94,7 @@ def test_smld_loss_matches_hand_computation():
 
 def test_ddpm_loss_matches_hand_computation():
   x0 = _batch(256)
-  loss, aux = losses.get_ddpm_loss_fn(_sde("vp"), Affine(), train=True)(
+  loss, aux = losses.get_discrete_loss_fn(_sde("vp"), Affine(), train=True)(
       jax.random.PRNGKey(5), _params(), x0)
   i, z = np.asarray(aux["labels"]), np.asarray(aux["noise"], np.float64)
   assert i.min() >= 0 and i.max() <= N - 1 and i.max() - i.min() > N / 2
@@ -102,6 +102,50 @@ def test_ddpm_loss_matches_hand_computation():
   xi = np.sqrt(abar)[:, None] * np.asarray(x0) + np.sqrt(1 - abar)[:, None] * z
   per_ex = ((_np_affine(xi, i) - z) ** 2).mean(-1)  # reduce_mean=True
   np.testing.assert_allclose(loss, per_ex.mean(), rtol=2e-4)
+
+
+def _reference_smld_loss(vesde, model, key, params, batch, reduce_mean=False):
+  """The SMLD loss exactly as the code before the SDE-owned conventions wrote it (bitwise check)."""
+  label_key, z_key, _ = jax.random.split(key, 3)
+  smld_sigmas = np.asarray(vesde.discrete_sigmas[::-1], np.float32)
+  labels = jax.random.randint(label_key, (batch.shape[0],), 0, vesde.N)
+  sigmas = jnp.asarray(smld_sigmas)[labels]
+  z = jax.random.normal(z_key, batch.shape, batch.dtype)
+  noise = sde_lib.batch_mul(sigmas, z)
+  score = model.apply(params, batch + noise, labels, train=False)
+  target = -sde_lib.batch_mul(1.0 / sigmas**2, noise)
+  sq = jnp.square(score - target).reshape(batch.shape[0], -1)
+  per_ex = (jnp.mean(sq, -1) if reduce_mean else 0.5 * jnp.sum(sq, -1)) * sigmas**2
+  return jnp.mean(per_ex)
+
+
+def _reference_ddpm_loss(vpsde, model, key, params, batch, reduce_mean=True):
+  """The DDPM loss exactly as the code before the SDE-owned conventions wrote it."""
+  label_key, z_key, _ = jax.random.split(key, 3)
+  sqrt_ab = np.asarray(vpsde.sqrt_alphas_cumprod, np.float32)
+  sqrt_1m_ab = np.asarray(vpsde.sqrt_1m_alphas_cumprod, np.float32)
+  labels = jax.random.randint(label_key, (batch.shape[0],), 0, vpsde.N)
+  z = jax.random.normal(z_key, batch.shape, batch.dtype)
+  x_i = sde_lib.batch_mul(jnp.asarray(sqrt_ab)[labels], batch) + sde_lib.batch_mul(
+      jnp.asarray(sqrt_1m_ab)[labels], z)
+  sq = jnp.square(model.apply(params, x_i, labels, train=False) - z).reshape(batch.shape[0], -1)
+  return jnp.mean(jnp.mean(sq, -1) if reduce_mean else 0.5 * jnp.sum(sq, -1))
+
+
+@pytest.mark.parametrize("kind,reduce_mean", [("ve", False), ("ve", True), ("vp", True),
+                                              ("vp", False)])
+def test_discrete_losses_are_bit_identical_to_the_smld_and_ddpm_code(kind, reduce_mean):
+  x0, key, params = _batch(256), jax.random.PRNGKey(9), _params()
+  new = losses.get_discrete_loss_fn(_sde(kind), Affine(), train=False, reduce_mean=reduce_mean)
+  ref = _reference_smld_loss if kind == "ve" else _reference_ddpm_loss
+  got = jax.jit(lambda k, p, b: new(k, p, b)[0])(key, params, x0)
+  want = jax.jit(lambda k, p, b: ref(_sde(kind), Affine(), k, p, b, reduce_mean))(key, params, x0)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_discrete_loss_needs_a_discrete_chain():
+  with pytest.raises(ValueError, match="no discrete chain"):
+    losses.get_discrete_loss_fn(_sde("subvp"), Affine(), train=True)
 
 
 class ExactScoreNet(nn.Module):
@@ -195,7 +239,7 @@ def toy():
   config = _config(lr=1e-2, warmup=4)
   config.model.ema_rate = 0.9
   model, variables = create_model(config, jax.random.PRNGKey(0))
-  state = losses.init_train_state(config, model, variables, jax.random.PRNGKey(1))
+  state = losses.init_train_state(config, variables, jax.random.PRNGKey(1))
   return config, sde_lib.get_sde(config), model, state
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from score_sde import sde_lib
 from score_sde.analytic import standard_mixture
-from score_sde.metrics import energy_distance
+from score_sde.evaluation.metrics import energy_distance
 from score_sde.sampling import get_sampler
 from score_sde.sampling import ode
 
@@ -120,7 +120,7 @@ def test_each_example_has_its_own_step_size():
   before and land on the same points: each example's solve does not depend on its batch."""
   gm = standard_mixture(weights=WEIGHTS)
   sde = sde_lib.VPSDE()
-  field = ode._single_example_field(sde, gm.score_fn(sde))
+  field = ode.single_example_field(sde, gm.score_fn(sde))
   solve = jax.jit(lambda y: ode.solve_per_example(field, y, None, sde.T, 1e-3))
   z = sde.prior_sampling(jax.random.key(11), (64, 2))
   x, stats, nfe = solve(z)
@@ -145,7 +145,7 @@ def test_bad_options_fail_early():
     ode.get_ode_encoder(sde, (4, 2), rtol=0.0)
   gm = standard_mixture()
   sampler = get_sampler("ode", sde, (4, 2))
-  with pytest.raises(ValueError, match="latent z"):
+  with pytest.raises(ValueError, match="x_T must have"):
     sampler(jax.random.key(0), gm.score_fn(sde), jnp.zeros((3, 2)))
   with pytest.raises(ValueError, match="shaped like x"):
     sampler(jax.random.key(0), lambda x, t: x[:, :1])

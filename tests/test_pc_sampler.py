@@ -14,7 +14,7 @@ import pytest
 
 from score_sde import sde_lib
 from score_sde.analytic import standard_mixture
-from score_sde.metrics import energy_distance
+from score_sde.evaluation.metrics import energy_distance
 from score_sde.sampling import get_sampler
 from score_sde.sampling import pc
 

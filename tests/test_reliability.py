@@ -74,9 +74,10 @@ def test_signal_writes_a_checkpoint_before_exit(tmp_path, sig):
   _wait_for_step(proc, 30)
   proc.send_signal(sig)
   out = proc.communicate(timeout=300)[0]
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == 128 + sig, out[-3000:]
+  assert f"Received {signal.Signals(sig).name}: training stopped at step" in out
   assert "checkpoint written, exiting" in out
-  stopped_at = int(out.split("at step ")[-1].split(":")[0])
+  stopped_at = int(out.split("stopped at step ")[-1].split(":")[0])
   assert stopped_at >= 30
   assert stopped_at in Checkpoints(str(tmp_path)).all_steps()
 

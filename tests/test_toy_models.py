@@ -84,7 +84,7 @@ def test_toy_mlp_learns_the_mixture_score():
   sde = sde_lib.get_sde(config)
   n_steps, bs = 400, 256
   model, variables = create_model(config, jax.random.PRNGKey(0))
-  state = losses.init_train_state(config, model, variables, jax.random.PRNGKey(1))
+  state = losses.init_train_state(config, variables, jax.random.PRNGKey(1))
   train = jax.jit(losses.get_multi_step_fn(losses.get_train_step_fn(config, sde, model), n_steps))
   batches = gmm.sample(jax.random.PRNGKey(2), n_steps * bs).reshape(n_steps, bs, 2)
   state, metrics = train(state, batches)

@@ -5,9 +5,10 @@ Network convention (shared with the original score_sde): a ``flax.linen`` module
 rngs={'dropout': key})`` with ``x [batch, *data_shape]`` and ``labels [batch]`` (float noise
 labels, or integer step indices for discrete models).
 
-Label and output conventions (the reference's, so its checkpoints keep their meaning):
-  * VP / sub-VP, continuous: labels = 999 t, output = -sigma(t) * score.
-  * VP, discrete (DDPM): labels = t (N - 1), output = -sqrt(1 - alphabar_i) * score = -eps.
+Label and output conventions are the SDE's own (``sde.noise_label``, ``sde.discrete_noise_label``,
+``sde.default_parametrization``; the reference's, so its checkpoints keep their meaning):
+  * VP / sub-VP, continuous: labels = 999 t, output = eps = -sigma(t) * score.
+  * VP, discrete (DDPM): labels = t (N - 1), output = eps = -sqrt(1 - alphabar_i) * score.
   * VE, continuous: labels = sigma(t), output = score (NCSN++ rescales by 1/sigma itself).
   * VE, discrete (SMLD): labels = round((T - t)(N - 1)), output = score.
 """
@@ -16,9 +17,11 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from score_sde import sde_lib
 from score_sde.utils import data_shape
@@ -44,12 +47,9 @@ def register_model(cls=None, *, name: Optional[str] = None):
 
 
 def _import_model_modules() -> None:
+  """Imports the modules that register networks; a broken module raises (nothing is skipped)."""
   for mod in _MODEL_MODULES:
-    try:
-      importlib.import_module(mod)
-    except ModuleNotFoundError as e:  # a module not written yet is simply absent
-      if e.name != mod:
-        raise
+    importlib.import_module(mod)
 
 
 def get_model(name: str) -> type[nn.Module]:
@@ -60,15 +60,36 @@ def get_model(name: str) -> type[nn.Module]:
   return _MODELS[name]
 
 
-def create_model(config, key: Array, batch_size: int = 1) -> tuple[nn.Module, Any]:
-  """Builds ``config.model.name`` and initializes its variables on a dummy batch."""
+def _init_fn(config, batch_size: int = 1):
+  """``(model, init(params_key, dropout_key) -> variables)`` on a dummy batch of the config's
+  data shape: the one place a network is initialized (run, or traced by :func:`param_shapes`)."""
   model = get_model(config.model.name)(config=config)
   x = jnp.zeros((batch_size,) + data_shape(config), jnp.float32)
   labels = jnp.ones((batch_size,), jnp.float32)
+
+  def init(params_key, dropout_key):
+    return model.init({"params": params_key, "dropout": dropout_key}, x, labels, train=False)
+  return model, init
+
+
+def create_model(config, key: Array, batch_size: int = 1) -> tuple[nn.Module, Any]:
+  """Builds ``config.model.name`` and initializes its variables on a dummy batch."""
+  model, init = _init_fn(config, batch_size)
   params_key, dropout_key = jax.random.split(key)
-  variables = jax.jit(lambda k1, k2: model.init({"params": k1, "dropout": k2}, x, labels,
-                                                train=False))(params_key, dropout_key)
-  return model, variables
+  return model, jax.jit(init)(params_key, dropout_key)
+
+
+def param_shapes(config) -> dict:
+  """The ``params`` collection of ``config.model.name`` as ``jax.ShapeDtypeStruct`` leaves
+  (``jax.eval_shape`` of the initialization: nothing is computed or compiled)."""
+  _, init = _init_fn(config)
+  variables = jax.eval_shape(init, jax.random.PRNGKey(0), jax.random.PRNGKey(1))
+  return flax.core.unfreeze(variables["params"])
+
+
+def count_params(config) -> int:
+  """Number of scalars in the network's ``params`` (from :func:`param_shapes`)."""
+  return int(sum(np.prod(s.shape) for s in jax.tree.leaves(param_shapes(config))))
 
 
 def get_model_fn(model: nn.Module, variables: Any, train: bool = False,
@@ -83,30 +104,19 @@ def get_model_fn(model: nn.Module, variables: Any, train: bool = False,
   return model_fn
 
 
-def get_score_fn(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool = True):
-  """Wraps a network into ``score_fn(x [batch, ...], t [batch]) -> score`` (conventions above)."""
-  if isinstance(sde, sde_lib.subVPSDE) and not continuous:
-    raise ValueError("sub-VP SDE models are continuous only: set config.training.continuous=True.")
-  if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
-    if continuous:
-      def score_fn(x, t):
-        _, std = sde.marginal_coef(t)
-        return -sde_lib.batch_mul(1.0 / std, model_fn(x, t * 999.0))
-    else:
-      sde.check_ddpm_chain()
+def get_score_fn(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool = True,
+                 parametrization: Optional[str] = None):
+  """Wraps a network into ``score_fn(x [batch, ...], t [batch]) -> score``.
 
-      def score_fn(x, t):
-        labels = t * (sde.N - 1)
-        std = jnp.asarray(sde.sqrt_1m_alphas_cumprod, x.dtype)[labels.astype(jnp.int32)]
-        return -sde_lib.batch_mul(1.0 / std, model_fn(x, labels))
-  elif isinstance(sde, sde_lib.VESDE):
-    if continuous:
-      def score_fn(x, t):
-        return model_fn(x, sde.marginal_coef(t)[1])
-    else:
-      def score_fn(x, t):
-        labels = jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32)
-        return model_fn(x, labels)
-  else:
-    raise NotImplementedError(f"No score wrapper for SDE class {type(sde).__name__}.")
+  The network sees ``sde.noise_label(t)`` (continuous) or ``sde.discrete_noise_label(t)``
+  (discrete) and its output is mapped to a score by ``sde.score_from_output`` for
+  ``parametrization`` (None: the SDE's default; the conventions above).
+  """
+  sde_lib.check_parametrization(parametrization or sde.default_parametrization)
+  if not continuous:
+    sde.check_discrete()
+  label = sde.noise_label if continuous else sde.discrete_noise_label
+
+  def score_fn(x, t):
+    return sde.score_from_output(model_fn(x, label(t)), x, t, parametrization, continuous)
   return score_fn

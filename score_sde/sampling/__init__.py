@@ -1,8 +1,10 @@
 """Samplers. Each is built as ``get_sampler(name, sde, shape, **options)`` and returns
-``sampler(key, score_fn) -> (samples [*shape], nfe)``, one jitted program.
+``sampler(key, score_fn, x_T=None) -> (samples [*shape], nfe int32)``, one jitted program
+(the contract: :mod:`score_sde.sampling.base`).
 
 Sampler families register a builder ``builder(sde, shape, **options)`` under a name with
-:func:`register_sampler`; the PC, ODE and fast samplers all share this convention.
+:func:`register_sampler`; the PC, ODE, fast and consistency samplers all share this convention.
+A new sampler is one decorated builder in a module listed in ``_SAMPLER_MODULES``.
 """
 from __future__ import annotations
 
@@ -43,12 +45,9 @@ def register_sampler(name: str):
 
 
 def _import_sampler_modules() -> None:
+  """Imports the modules that register samplers; a broken module raises (nothing is skipped)."""
   for mod in _SAMPLER_MODULES:
-    try:
-      importlib.import_module(mod)
-    except ModuleNotFoundError as e:
-      if e.name != mod:
-        raise
+    importlib.import_module(mod)
 
 
 def available_samplers() -> list[str]:
@@ -67,7 +66,8 @@ def get_sampler(name: str, sde, shape, **options):
 def sampler_options_from_config(config, sde) -> tuple[str, dict]:
   """The sampler name and keyword options ``config.sampling`` selects.
 
-  'pc' reads predictor / corrector / snr / n_steps_each / probability_flow / noise_removal; 'ode'
+  'pc' reads predictor / corrector / snr / n_steps_each / probability_flow / noise_removal (its
+  step count is ``config.model.num_scales``, the SDE's N, unless ``options.num_steps``); 'ode'
   reads rtol / atol / ode_method / noise_removal; every other (fast) sampler reads ``nfe``. Extra
   options for any sampler go in ``config.sampling.options``.
   """
@@ -87,6 +87,6 @@ def sampler_options_from_config(config, sde) -> tuple[str, dict]:
 
 
 def get_sampler_from_config(config, sde, shape):
-  """``sampler(key, score_fn) -> (samples, nfe)`` as configured by ``config.sampling``."""
+  """``sampler(key, score_fn, x_T=None) -> (samples, nfe)`` as configured by ``config.sampling``."""
   name, options = sampler_options_from_config(config, sde)
   return get_sampler(name, sde, shape, **options)

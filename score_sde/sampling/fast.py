@@ -20,9 +20,10 @@ the host in float64 (before compiling) and two jitted engines run them:
     DPM-Solver / DPM-Solver++ (with the SDE variants) and UniPC.
 
 Each sampler is registered with :func:`score_sde.sampling.register_sampler` and built as
-``get_sampler(name, sde, shape, **options)``; it returns ``sampler(key, score_fn) -> (samples
-[*shape], nfe)`` where nfe counts the score evaluations the program really makes (known before it
-runs). Common options:
+``get_sampler(name, sde, shape, **options)``; it returns ``sampler(key, score_fn, x_T=None) ->
+(samples [*shape], nfe)`` (:mod:`score_sde.sampling.base`) where nfe (int32) counts the score
+evaluations the program really makes (known before it runs, also as ``sampler.nfe``). Common
+options:
 
   nfe: total budget of score evaluations (default 20), or ``steps``: number of time intervals
     (one of the two).
@@ -43,17 +44,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_sde.sampling import register_sampler
+from score_sde.sampling.base import (Sampler, ScoreFn, check_score_fn_shape, check_shape,
+                                     check_x_T, jit_with_score_fn)
 from score_sde.sampling.schedules import (SCHEDULES, check_times, get_time_steps, kernel_np,
                                          start_scale, t_from_lambda_np)
 from score_sde.sde_lib import SDE
 
 Array = jax.Array
-ScoreFn = Callable[[Array, Array], Array]
 
 __all__ = ["ddim_sampler", "euler_sampler", "heun_sampler", "dpm_solver_sampler",
-           "dpm_solver_pp_sampler", "unipc_sampler", "FAST_SAMPLERS"]
-
-FAST_SAMPLERS = ("ddim", "euler", "heun", "dpm_solver", "dpm_solver_pp", "unipc")
+           "dpm_solver_pp_sampler", "unipc_sampler"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,13 +200,17 @@ def _ms_apply(run: _MSRun, pred: str, score_fn: ScoreFn, x: Array, key: Array) -
 # The sampler program
 # ------------------------------------------------------------------------------------------------
 def _make_sampler(sde: SDE, shape: tuple[int, ...], runs: list, pred: str, denoise: bool,
-                  t_end: float, t_start: float):
-  """Wraps runs into ``sampler(key, score_fn) -> (samples, nfe)``; one jit per score_fn."""
+                  t_end: float, t_start: float) -> Sampler:
+  """Wraps runs into ``sampler(key, score_fn, x_T=None) -> (samples, nfe)`` (the contract of
+  :mod:`score_sde.sampling.base`). ``x_T [*shape]`` replaces the prior draw (the deterministic
+  samplers then map x_T to x_eps; ``key`` only drives the sampler's noise); with ``t_start`` < T
+  it is scaled like the prior draw. ``sampler.nfe`` is the count as a Python int."""
   a_end, s_end, _ = kernel_np(sde, np.array(t_end))
   scale = start_scale(sde, t_start)
   nfe = sum(r.nfe for r in runs) + int(denoise)
 
-  def program(key: Array, score_fn: ScoreFn, x_T: Optional[Array]) -> Array:
+  def program(key: Array, score_fn: ScoreFn, x_T: Optional[Array]) -> tuple[Array, Array]:
+    check_score_fn_shape(score_fn, jax.ShapeDtypeStruct(shape, jnp.float32), "Fast sampler")
     k_prior, k_run = jax.random.split(key)
     x = sde.prior_sampling(k_prior, shape) if x_T is None else x_T
     x = x.astype(jnp.float32)
@@ -218,17 +222,12 @@ def _make_sampler(sde: SDE, shape: tuple[int, ...], runs: list, pred: str, denoi
     if denoise:
       x = _model_out(score_fn, x, jnp.float32(t_end), jnp.float32(a_end), jnp.float32(s_end),
                      "data")
-    return x
+    return x, jnp.asarray(nfe, jnp.int32)
 
-  jitted = jax.jit(program, static_argnums=1)
+  jitted = jit_with_score_fn(program)
 
-  def sampler(key: Array, score_fn: ScoreFn, x_T: Optional[Array] = None) -> tuple[Array, int]:
-    """Returns ``(samples [*shape], nfe)``. ``x_T [*shape]`` replaces the prior draw when given
-    (the deterministic samplers then map x_T to x_eps; ``key`` only drives the sampler's noise);
-    with ``t_start`` < T it is scaled like the prior draw."""
-    if x_T is not None and tuple(x_T.shape) != shape:
-      raise ValueError(f"x_T must have the sampler's shape {shape}, got {tuple(x_T.shape)}.")
-    return jitted(key, score_fn, x_T), nfe
+  def sampler(key: Array, score_fn: ScoreFn, x_T: Optional[Array] = None) -> tuple[Array, Array]:
+    return jitted(key, score_fn, check_x_T(x_T, shape, "Fast sampler"))
 
   sampler.nfe = nfe
   return sampler
@@ -241,9 +240,7 @@ def _check_common(sde: SDE, shape, schedule: str, rho: Optional[float], eps: Opt
                   t_start: Optional[float]):
   if not isinstance(sde, SDE):
     raise ValueError(f"sde must be a score_sde.sde_lib.SDE, got {type(sde).__name__}.")
-  shape = tuple(int(s) for s in shape)
-  if len(shape) < 2 or any(s < 1 for s in shape):
-    raise ValueError(f"shape must be [batch, *data_shape] with positive sizes, got {shape}.")
+  shape = check_shape(shape)
   if schedule not in SCHEDULES:
     raise ValueError(f"Unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}.")
   if rho is not None and schedule != "edm":

@@ -27,15 +27,15 @@ import jax
 import jax.numpy as jnp
 
 from score_sde.sampling import register_sampler
-from score_sde.sampling.pc import (check_score_fn_shape, jit_with_score_fn, reverse_diffusion,
-                                   _check_shape)
+from score_sde.sampling.base import (Sampler, ScoreFn, check_eps, check_score_fn_shape,
+                                     check_shape, check_x_T, jit_with_score_fn, split_score_fn)
+from score_sde.sampling.pc import reverse_diffusion
 from score_sde.sde_lib import SDE
 
 Array = jax.Array
-ScoreFn = Callable[[Array, Array], Array]
 
 __all__ = ["ODE_METHODS", "get_ode_sampler", "get_ode_encoder", "solve_per_example", "solver_nfe",
-           "probability_flow_drift", "PerExampleScore", "split_score_fn"]
+           "probability_flow_drift", "check_ode_options", "single_example_field"]
 
 ODE_METHODS: dict[str, type[diffrax.AbstractSolver]] = {
     "dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5, "bosh3": diffrax.Bosh3,
@@ -109,32 +109,10 @@ def probability_flow_drift(sde: SDE, score_fn: ScoreFn) -> Callable[[Array, Arra
   return lambda x, t: rsde.sde(x, t)[0]
 
 
-class PerExampleScore:
-  """``score_fn(x, t) = fn(x, t, cond)`` with per-example conditioning ``cond`` (a pytree whose
-  leaves have a leading batch axis, e.g. class labels ``[batch]``).
-
-  Plain callers see an ordinary ``score_fn(x, t)``. Solvers that evaluate examples one at a time
-  (the per-example ODE solves here) slice ``cond`` along with ``x`` instead of closing over the
-  whole batch's conditioning (see :func:`split_score_fn`).
-  """
-
-  def __init__(self, fn: Callable[[Array, Array, Any], Array], cond: Any):
-    self.fn, self.cond = fn, cond
-
-  def __call__(self, x: Array, t: Array) -> Array:
-    return self.fn(x, t, self.cond)
-
-
-def split_score_fn(score_fn: ScoreFn) -> tuple[Callable[[Array, Array, Any], Array], Any]:
-  """``(fn(x, t, cond), cond)`` of a :class:`PerExampleScore`; ``(fn ignoring cond, None)`` else."""
-  if isinstance(score_fn, PerExampleScore):
-    return score_fn.fn, score_fn.cond
-  return (lambda x, t, cond: score_fn(x, t)), None
-
-
-def _single_example_field(sde: SDE, score_fn: ScoreFn):
-  """Vector field for one example ``x [*data_shape]`` at scalar t (calls score_fn on x[None]);
-  ``args`` is that example's slice of a :class:`PerExampleScore`'s conditioning (or None)."""
+def single_example_field(sde: SDE, score_fn: ScoreFn):
+  """The probability-flow drift as a diffrax vector field ``field(t, x, args)`` of one example
+  ``x [*data_shape]`` at scalar t (calls score_fn on x[None]); ``args`` is that example's slice of
+  a :class:`~score_sde.sampling.base.PerExampleScore`'s conditioning (or None)."""
   fn, _ = split_score_fn(score_fn)
 
   def field(t, x, args):
@@ -147,7 +125,7 @@ def _single_example_field(sde: SDE, score_fn: ScoreFn):
 @register_sampler("ode")
 def get_ode_sampler(sde: SDE, shape, rtol: float = 1e-5, atol: float = 1e-5,
                     method: str = "dopri5", denoise: bool = False, eps: Optional[float] = None,
-                    num_steps: Optional[int] = None, max_steps: int = 4096):
+                    num_steps: Optional[int] = None, max_steps: int = 4096) -> Sampler:
   """Samples by integrating the probability-flow ODE from T to eps.
 
   Args:
@@ -160,34 +138,42 @@ def get_ode_sampler(sde: SDE, shape, rtol: float = 1e-5, atol: float = 1e-5,
     max_steps: per-example bound on step attempts.
 
   Returns:
-    ``sampler(key, score_fn, z=None) -> (samples [*shape], nfe)``; ``z [*shape]`` decodes a given
-    latent instead of drawing x_T from the prior. ``nfe`` is an int32 scalar.
+    ``sampler(key, score_fn, x_T=None) -> (samples [*shape], nfe)``; ``x_T [*shape]`` decodes a
+    given latent instead of drawing it from the prior. ``nfe`` is an int32 scalar.
+    ``sampler(..., constraint=c)`` solves with a hard data constraint
+    (:mod:`score_sde.sampling.constrained`).
   """
-  shape = _check_shape(shape)
+  shape = check_shape(shape)
   check_ode_options(method, rtol, atol, num_steps)
-  eps = sde.sampling_eps if eps is None else float(eps)
-  if not 0 <= eps < sde.T:
-    raise ValueError(f"eps must be in [0, T={sde.T}), got {eps}.")
+  eps = check_eps(sde, eps)
 
-  def program(key, score_fn, z):
+  def program(key, score_fn, x_T, constraint):
     check_score_fn_shape(score_fn, jax.ShapeDtypeStruct(shape, jnp.float32), "ODE sampler")
-    x, _, nfe = solve_per_example(_single_example_field(sde, score_fn), z,
-                                  split_score_fn(score_fn)[1], sde.T, eps,
-                                  method, rtol, atol, num_steps, max_steps)
+    field, cond = single_example_field(sde, score_fn), split_score_fn(score_fn)[1]
+    if constraint is None:
+      x, _, nfe = solve_per_example(field, x_T, cond, sde.T, eps, method, rtol, atol, num_steps,
+                                    max_steps)
+    else:
+      key, pin_key = jax.random.split(key)
+      y0, args, field = constraint.ode_problem(sde, field, x_T, cond, pin_key)
+      y1, _, nfe = solve_per_example(field, y0, args, sde.T, eps, method, rtol, atol, num_steps,
+                                     max_steps)
+      x = constraint.ode_solution(sde, y1, args, eps)
     if denoise:
       _, x = reverse_diffusion(key, x, jnp.full(shape[:1], eps), sde=sde, score_fn=score_fn)
       nfe = nfe + 1
+    if constraint is not None:
+      x = constraint.finish(x)
     return x, nfe
 
   jitted = jit_with_score_fn(program)
 
-  def sampler(key, score_fn, z: Optional[Array] = None):
+  def sampler(key, score_fn, x_T: Optional[Array] = None, constraint=None):
     prior_key, key = jax.random.split(key)
-    if z is None:
-      z = sde.prior_sampling(prior_key, shape)
-    elif tuple(z.shape) != shape:
-      raise ValueError(f"ODE sampler: latent z must have shape {shape}, got {tuple(z.shape)}.")
-    return jitted(key, score_fn, jnp.asarray(z, jnp.float32))
+    x_T = check_x_T(x_T, shape, "ODE sampler")
+    if x_T is None:
+      x_T = sde.prior_sampling(prior_key, shape)
+    return jitted(key, score_fn, x_T, constraint)
   return sampler
 
 
@@ -199,16 +185,14 @@ def get_ode_encoder(sde: SDE, shape, rtol: float = 1e-5, atol: float = 1e-5,
   Returns ``encoder(score_fn, x [*shape]) -> (z [*shape], nfe)``, the inverse of the sampler's
   decoding map (up to solver error). ``eps=None`` means ``sde.sampling_eps``.
   """
-  shape = _check_shape(shape)
+  shape = check_shape(shape)
   check_ode_options(method, rtol, atol, num_steps)
-  eps = sde.sampling_eps if eps is None else float(eps)
-  if not 0 <= eps < sde.T:
-    raise ValueError(f"eps must be in [0, T={sde.T}), got {eps}.")
+  eps = check_eps(sde, eps)
 
   def program(key, score_fn, x):
     del key
     check_score_fn_shape(score_fn, jax.ShapeDtypeStruct(shape, jnp.float32), "ODE encoder")
-    z, _, nfe = solve_per_example(_single_example_field(sde, score_fn), x,
+    z, _, nfe = solve_per_example(single_example_field(sde, score_fn), x,
                                   split_score_fn(score_fn)[1], eps, sde.T,
                                   method, rtol, atol, num_steps, max_steps)
     return z, nfe

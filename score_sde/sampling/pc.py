@@ -1,7 +1,7 @@
 """Predictor-corrector (PC) samplers (Song et al., ICLR 2021, Algorithms 2-4).
 
 Sampling walks the time grid ``t_0 = T > t_1 > ... > t_{N-1} = eps`` (``linspace(T, eps, N)``,
-N = ``sde.N``). At every t_i a *corrector* (n_steps score-based MCMC steps targeting p_{t_i}) runs
+N = ``num_steps``, by default ``sde.N``). At every t_i a *corrector* (n_steps score-based MCMC steps targeting p_{t_i}) runs
 first and then a *predictor* (one step of a reverse-time SDE solver) moves x to the next time.
 
 Predictors, each ``predictor(key, x, t, *, sde, score_fn, probability_flow) -> (x, x_mean)``:
@@ -41,17 +41,18 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from score_sde.sampling import register_sampler
+from score_sde.sampling.base import (Sampler, check_eps, check_score_fn_shape, check_shape,
+                                     check_x_T, count_score_evals, jit_with_score_fn)
 from score_sde.sde_lib import SDE, batch_mul
 
 Array = jax.Array
-ScoreFn = Callable[[Array, Array], Array]
 Update = Callable[..., tuple[Array, Array]]
 
 __all__ = ["register_predictor", "register_corrector", "get_predictor", "get_corrector",
-           "available_predictors", "available_correctors", "get_pc_sampler",
-           "jit_with_score_fn", "check_score_fn_shape", "count_score_evals"]
+           "available_predictors", "available_correctors", "get_pc_sampler"]
 
 _PREDICTORS: dict[str, Update] = {}
 _CORRECTORS: dict[str, Update] = {}
@@ -178,59 +179,13 @@ def no_corrector(key, x, t, *, sde, score_fn, snr):
   return x, x
 
 
-# --- helpers shared by the samplers and the likelihood --------------------------------------
-def jit_with_score_fn(program: Callable) -> Callable:
-  """jit ``program(key, score_fn, *args)``.
-
-  A plain Python ``score_fn`` is a static argument (one compile per function object: build it
-  once and reuse it). A ``jax.tree_util.Partial`` is passed as a pytree, so its bound arrays (for
-  example network parameters) are traced inputs and new parameters reuse the compiled program.
-  """
-  static = jax.jit(program, static_argnums=(1,))
-  dynamic = jax.jit(program)
-
-  def call(key, score_fn, *args):
-    if isinstance(score_fn, jax.tree_util.Partial):
-      return dynamic(key, score_fn, *args)
-    return static(key, score_fn, *args)
-  return call
-
-
-def check_score_fn_shape(score_fn: ScoreFn, x, where: str) -> None:
-  """Raises ValueError unless ``score_fn(x, t [batch])`` returns an array shaped like ``x``."""
-  t = jax.ShapeDtypeStruct((x.shape[0],), jnp.float32)
-  out = jax.eval_shape(score_fn, jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-  if getattr(out, "shape", None) != tuple(x.shape):
-    raise ValueError(f"{where}: score_fn(x, t) must return an array shaped like x "
-                     f"{tuple(x.shape)}, got {getattr(out, 'shape', out)}.")
-
-
-def count_score_evals(update: Callable[[ScoreFn], object]) -> int:
-  """Number of ``score_fn`` calls made when tracing ``update(counting_score_fn)`` (no execution)."""
-  count = [0]
-
-  def wrap(score_fn):
-    def counting(x, t):
-      count[0] += 1
-      return score_fn(x, t)
-    return counting
-  update(wrap)
-  return count[0]
-
-
-def _check_shape(shape) -> tuple[int, ...]:
-  shape = tuple(int(s) for s in shape)
-  if len(shape) < 2 or any(s < 1 for s in shape):
-    raise ValueError(f"shape must be [batch, *data_shape] with positive sizes, got {shape}.")
-  return shape
-
-
 # --- the PC sampler -------------------------------------------------------------------------
 @register_sampler("pc")
 def get_pc_sampler(sde: SDE, shape, predictor: str = "euler_maruyama", corrector: str = "none",
                    snr: float = 0.16, n_steps: int = 1, probability_flow: bool = False,
-                   denoise: bool = True, eps: Optional[float] = None):
-  """Predictor-corrector sampler over ``linspace(T, eps, N)``, N = ``sde.N``.
+                   denoise: bool = True, eps: Optional[float] = None,
+                   num_steps: Optional[int] = None) -> Sampler:
+  """Predictor-corrector sampler over ``linspace(T, eps, num_steps)``.
 
   Args:
     sde: the forward SDE.
@@ -242,10 +197,15 @@ def get_pc_sampler(sde: SDE, shape, predictor: str = "euler_maruyama", corrector
     probability_flow: predict with the probability-flow ODE instead of the reverse SDE.
     denoise: return the last step's noise-free mean ``x_mean`` instead of ``x``.
     eps: the last time; ``None`` means ``sde.sampling_eps`` (1e-3 VP / sub-VP, 1e-5 VE).
+    num_steps: number of time steps N; ``None`` means ``sde.N`` (``config.model.num_scales``).
+      The predictors and correctors then run on ``sde.replace(N=num_steps)`` (dt = T / N, and the
+      DDPM / SMLD chains of N steps).
 
   Returns:
-    ``sampler(key, score_fn) -> (samples [*shape], nfe)``: one jitted program; ``nfe`` (int32
-    scalar) counts the score evaluations executed, N (predictor) + N n_steps (corrector).
+    ``sampler(key, score_fn, x_T=None) -> (samples [*shape], nfe)``: one jitted program; ``nfe``
+    (int32 scalar) counts the score evaluations executed, N (predictor) + N n_steps (corrector).
+    ``x_T`` replaces the prior draw. ``sampler(..., constraint=c)`` applies a hard data
+    constraint (:mod:`score_sde.sampling.constrained`) after every update.
   """
   predictor_fn = get_predictor(predictor)
   corrector_fn = get_corrector(corrector)
@@ -255,17 +215,26 @@ def get_pc_sampler(sde: SDE, shape, predictor: str = "euler_maruyama", corrector
   if predictor == "ancestral_sampling" and probability_flow:
     raise ValueError("ancestral_sampling has no probability-flow form; use 'euler_maruyama' or "
                      "'reverse_diffusion' with probability_flow=True.")
-  shape = _check_shape(shape)
+  shape = check_shape(shape)
   n_steps = int(n_steps)
   if n_steps < 0 or (corrector != "none" and n_steps < 1):
     raise ValueError(f"n_steps must be >= 1 with a corrector, got {n_steps}.")
   if corrector != "none" and not snr > 0:
     raise ValueError(f"snr must be positive, got {snr}.")
-  eps = sde.sampling_eps if eps is None else float(eps)
-  if not 0 <= eps < sde.T:
-    raise ValueError(f"eps must be in [0, T={sde.T}), got {eps}.")
+  eps = check_eps(sde, eps)
+  if num_steps is not None:
+    if int(num_steps) < 1:
+      raise ValueError(f"num_steps must be a positive integer, got {num_steps}.")
+    if int(num_steps) != sde.N:
+      sde = sde.replace(N=int(num_steps))
   N = sde.N
   n_corr = n_steps if corrector != "none" else 0
+  # (alpha, sigma) of the time each predictor step reaches, (1, 0) after the last one: where a
+  # constraint (inpainting, colorization) pins the known part.
+  alpha_np, sigma_np = (np.asarray(v, np.float64) for v in jax.device_get(
+      sde.marginal_coef(jnp.asarray(np.linspace(sde.T, eps, N), jnp.float32))))
+  reached_np = (np.append(alpha_np[1:], 1.0).astype(np.float32),
+                np.append(sigma_np[1:], 0.0).astype(np.float32))
 
   def predict(key, x, t, score_fn):
     return predictor_fn(key, x, t, sde=sde, score_fn=score_fn, probability_flow=probability_flow)
@@ -273,7 +242,7 @@ def get_pc_sampler(sde: SDE, shape, predictor: str = "euler_maruyama", corrector
   def correct(key, x, t, score_fn):
     return corrector_fn(key, x, t, sde=sde, score_fn=score_fn, snr=snr)
 
-  def program(key, score_fn):
+  def program(key, score_fn, x_T, constraint):
     x_spec = jax.ShapeDtypeStruct(shape, jnp.float32)
     t_spec = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
     key_spec = jax.eval_shape(lambda: jax.random.key(0))
@@ -284,8 +253,12 @@ def get_pc_sampler(sde: SDE, shape, predictor: str = "euler_maruyama", corrector
         lambda k, x, t: correct(k, x, t, w(score_fn)), key_spec, x_spec, t_spec))
 
     key, prior_key = jax.random.split(key)
-    x = sde.prior_sampling(prior_key, shape)
+    x = sde.prior_sampling(prior_key, shape) if x_T is None else x_T
     timesteps = jnp.linspace(sde.T, eps, N)
+    if constraint is not None:
+      reached = (jnp.asarray(reached_np[0]), jnp.asarray(reached_np[1]))
+      x, _ = constraint.project(jax.random.fold_in(prior_key, 1), x, x,
+                                *sde.marginal_coef(jnp.full(shape[:1], timesteps[0])))
 
     def step(i, carry):
       key, x, _ = carry
@@ -294,14 +267,30 @@ def get_pc_sampler(sde: SDE, shape, predictor: str = "euler_maruyama", corrector
       x_mean = x
       if n_corr:
         def corr_step(j, xs):
-          return correct(jax.random.fold_in(corr_key, j), xs[0], t, score_fn)
+          kj = jax.random.fold_in(corr_key, j)
+          x, x_mean = correct(kj, xs[0], t, score_fn)
+          if constraint is not None:
+            x, x_mean = constraint.project(jax.random.fold_in(kj, 1), x, x_mean,
+                                           *sde.marginal_coef(t))
+          return x, x_mean
         x, x_mean = jax.lax.fori_loop(0, n_corr, corr_step, (x, x))
       if predictor != "none":
         x, x_mean = predict(pred_key, x, t, score_fn)
+        if constraint is not None:
+          x, x_mean = constraint.project(jax.random.fold_in(pred_key, 1), x, x_mean,
+                                         jnp.full(shape[:1], reached[0][i]),
+                                         jnp.full(shape[:1], reached[1][i]))
       return key, x, x_mean
 
     _, x, x_mean = jax.lax.fori_loop(0, N, step, (key, x, x))
+    out = x_mean if denoise else x
+    if constraint is not None:
+      out = constraint.finish(out)
     nfe = N * (nfe_p + n_corr * nfe_c)
-    return (x_mean if denoise else x), jnp.asarray(nfe, jnp.int32)
+    return out, jnp.asarray(nfe, jnp.int32)
 
-  return jit_with_score_fn(program)
+  jitted = jit_with_score_fn(program)
+
+  def sampler(key, score_fn, x_T=None, constraint=None):
+    return jitted(key, score_fn, check_x_T(x_T, shape, "PC sampler"), constraint)
+  return sampler

@@ -19,6 +19,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from score_sde.sampling.base import check_eps
 from score_sde.sde_lib import SDE
 
 __all__ = ["SCHEDULES", "check_times", "get_time_steps", "kernel_np", "start_scale", "t_from_lambda_np"]
@@ -45,9 +46,7 @@ def check_times(sde: SDE, eps: Optional[float], t_start: Optional[float]) -> tup
   """``(eps, t_start)`` with their defaults ``sde.sampling_eps`` and ``sde.T``; ValueError unless
   0 < eps < t_start <= T."""
   T = float(sde.T)
-  eps = float(sde.sampling_eps if eps is None else eps)
-  if not 0.0 < eps < T:
-    raise ValueError(f"The last sampling time eps must lie in (0, T={T}), got {eps}.")
+  eps = check_eps(sde, eps)
   t_start = T if t_start is None else float(t_start)
   if not eps < t_start <= T:
     raise ValueError(f"The start time t_start must lie in (eps={eps}, T={T}], got {t_start}.")

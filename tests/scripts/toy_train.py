@@ -9,6 +9,7 @@ from absl import logging  # noqa: E402
 
 from conftest import tiny_toy_config  # noqa: E402
 from score_sde import train  # noqa: E402
+from score_sde.signals import Interrupted  # noqa: E402
 
 logging.set_verbosity(logging.INFO)
 logging.set_stderrthreshold(logging.INFO)
@@ -17,5 +18,9 @@ cfg = tiny_toy_config(**{"training.n_iters": n_iters, "training.log_freq": 10,
                          "training.snapshot_freq": 1000 if n_iters % 1000 == 0 else n_iters,
                          "training.snapshot_freq_for_preemption": 20,
                          "training.snapshot_sampling": False})
-train.train(cfg, workdir)
+try:
+  train.train(cfg, workdir)
+except Interrupted as e:  # the command line's policy: message, status 128 + signal number
+  print(e, flush=True)
+  sys.exit(e.exit_code)
 print("DONE", flush=True)

@@ -17,7 +17,6 @@ distance to held-out data.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -26,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from score_sde import datasets, likelihood, metrics
-from score_sde.train import Trainer, _summary_writer
-from score_sde.utils import data_shape, write_json
+from score_sde import datasets, likelihood
+from score_sde.evaluation import image_eval, metrics
+from score_sde.signals import StopSignals
+from score_sde.train import Trainer, make_mesh, summary_writer
+from score_sde.utils import data_shape, read_json, write_json
 
 
 def _load(config, workdir: str, step: Optional[int] = None) -> tuple[Trainer, int]:
@@ -69,16 +70,14 @@ def test_loss(trainer: Trainer, key: jax.Array, num: int) -> float:
   values = []
   for i, images in enumerate(_eval_batches(trainer.config, num)):
     x = jnp.asarray(trainer.scaler(images))
-    values.append(float(trainer._eval_step(trainer.state, x, jax.random.fold_in(key, i))))
+    values.append(float(trainer.eval_loss(x, jax.random.fold_in(key, i))))
   return float(np.mean(values))
 
 
 def bits_per_dim(trainer: Trainer, key: jax.Array, num: int, repeats: int = 1) -> dict:
   """Test bits/dim from the probability-flow ODE (model space; 8-bit images: discrete-data bpd)."""
   cfg = trainer.config
-  lik = likelihood.get_likelihood_fn(trainer.sde, rtol=cfg.eval.rtol, atol=cfg.eval.atol,
-                                     hutchinson_type=cfg.eval.hutchinson_type)
-  fn = jax.jit(lambda p, k, x: lik(k, trainer.score_fn(p), x))
+  fn = trainer.likelihood_fn(cfg.eval.hutchinson_type, cfg.eval.rtol, cfg.eval.atol)
   is_image = len(trainer.shape) == 3
   bpds, nfes = [], []
   for r in range(repeats):
@@ -114,7 +113,6 @@ def run_fid_stats(config, workdir: str, inception_variables=None) -> str:
 
   Path: ``config.eval.stats_path``, else ``<workdir>/fid_stats/<dataset>_<split>_<size>.npz``.
   """
-  from score_sde.evaluation import image_eval
   return image_eval.compute_fid_stats(config, workdir, inception_variables)
 
 
@@ -126,9 +124,6 @@ def run_eval(config, workdir: str, inception_variables=None,
   stop_after_batches: test hook, stop (progress saved) after that many sample batches of this
   call, as a preemption would; SIGTERM / SIGINT do the same.
   """
-  from score_sde.evaluation import image_eval
-  from score_sde.train import _StopSignals
-  from score_sde.train import make_mesh
   mesh = make_mesh()
   fid = len(data_shape(config)) == 3 and bool(config.eval.enable_sampling)
   if fid:  # everything that can fail does so before the model is built or a checkpoint read
@@ -144,9 +139,9 @@ def run_eval(config, workdir: str, inception_variables=None,
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "results.json")
-  records = json.load(open(path)) if os.path.exists(path) else []
+  records = read_json(path, [])
   done = {r["step"] for r in records}
-  writer = _summary_writer(os.path.join(workdir, "eval"))
+  writer = summary_writer(os.path.join(workdir, "eval"))
   key = jax.random.PRNGKey(config.seed + 2)
   sample_fn = None
   batches = [0]
@@ -156,7 +151,7 @@ def run_eval(config, workdir: str, inception_variables=None,
     return signals.requested or (stop_after_batches is not None
                                  and batches[0] >= stop_after_batches)
 
-  with _StopSignals() as signals:
+  with StopSignals() as signals:
     for step in steps:
       if step in done:
         logging.info("Checkpoint %d already evaluated; skipping.", step)
@@ -164,7 +159,7 @@ def run_eval(config, workdir: str, inception_variables=None,
       trainer.state = trainer.checkpoints.restore(step, trainer.state)
       ckpt_dir = os.path.join(out_dir, f"ckpt_{step}")
       parts_path = os.path.join(ckpt_dir, "parts.json")
-      parts = json.load(open(parts_path)) if os.path.exists(parts_path) else {}
+      parts = read_json(parts_path, {})
 
       def save_parts():
         if jax.process_index() == 0:
@@ -240,8 +235,7 @@ def _bpd_figure(trainer: Trainer, records: list[dict], out_dir: str) -> None:
     grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
     # A picture: a looser tolerance than the reported bits/dim keeps it cheap.
     tol = max(float(cfg.eval.rtol), 1e-3)
-    lik = likelihood.get_likelihood_fn(trainer.sde, hutchinson_type="exact", rtol=tol, atol=tol)
-    bpd, _, _ = jax.jit(lambda p, k, x: lik(k, trainer.score_fn(p), x))(
+    bpd, _, _ = trainer.likelihood_fn("exact", tol, tol)(
         trainer.state.ema_params, jax.random.PRNGKey(0), jnp.asarray(trainer.scaler(grid)))
     density = np.exp(-np.asarray(bpd) * 2 * np.log(2)).reshape(64, 64)
     mixture = datasets.get_toy_mixture(cfg) if cfg.data.dataset == "gmm" else None
