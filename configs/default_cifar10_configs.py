@@ -5,6 +5,7 @@ model and SDE. `add_runtime_fields` adds this framework's extra knobs (checkpoin
 policy, snapshot sample count, ODE tolerances, mixed precision) with neutral defaults.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs.default_image_eval import add_image_eval_fields
 
@@ -31,7 +32,7 @@ def add_runtime_fields(config: ml_collections.ConfigDict) -> ml_collections.Conf
   evaluate.rtol = 1e-5
   evaluate.atol = 1e-5
   add_image_eval_fields(evaluate)         # FID / IS / KID of image samples
-  config.data.data_dir = None
+  config.data.data_dir = placeholder(str)  # None: tfds' default data directory
   config.model.dtype = "float32"                # 'bfloat16': bf16 compute, f32 params / output
   return config
 

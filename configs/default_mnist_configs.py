@@ -3,6 +3,8 @@
 Data come from tfds (`data.data_dir=None`) or from a directory holding the four standard idx files
 (`--config.data.data_dir=/path/to/mnist`, .gz or not).
 """
+from ml_collections.config_dict import placeholder
+
 from configs.default_toy_configs import get_default_configs as _toy_defaults
 
 
@@ -30,7 +32,7 @@ def get_default_configs():
 
   data = config.data
   data.dataset = "mnist"
-  data.dim = None
+  data.dim = placeholder(int)        # None: image data (shape from image_size, num_channels)
   data.image_size = 28
   data.num_channels = 1
   data.centered = True

@@ -3,6 +3,7 @@
 Every field users touch is documented in docs/configs.md. Variants in configs/toy/ set the SDE.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs.default_image_eval import add_image_eval_fields
 
@@ -62,7 +63,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   data.dataset = "gmm"               # gmm | checkerboard | swiss_roll | rings
   data.dim = 2
   data.centered = True
-  data.data_dir = None
+  data.data_dir = placeholder(str)   # image sets: local data (MNIST idx / tfds dir); None: tfds
   data.num_components = 8            # gmm: components on a circle of gmm_radius
   data.gmm_radius = 4.0
   data.gmm_std = 0.5

@@ -1,4 +1,6 @@
 """NCSN++ cont. on CelebAHQ 256x256, VE SDE."""
+from ml_collections.config_dict import placeholder
+
 from configs.default_lsun_configs import get_default_configs
 
 
@@ -17,7 +19,7 @@ def get_config():
   data = config.data
   data.dataset = 'CelebAHQ'
   data.image_size = 256
-  data.tfrecords_path = None  # set to your celebahq r08 tfrecords
+  data.tfrecords_path = placeholder(str)  # None; set it to your celebahq r08 tfrecords
   # model
   model = config.model
   model.sigma_max = 348

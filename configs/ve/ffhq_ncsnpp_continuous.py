@@ -1,4 +1,6 @@
 """NCSN++ cont. on FFHQ 1024x1024, VE SDE (paper Fig. 1 / appendix)."""
+from ml_collections.config_dict import placeholder
+
 from configs.default_lsun_configs import get_default_configs
 
 
@@ -26,7 +28,7 @@ def get_config():
   data = config.data
   data.dataset = 'FFHQ'
   data.image_size = 1024
-  data.tfrecords_path = None  # set to your ffhq r10 tfrecords
+  data.tfrecords_path = placeholder(str)  # None; set it to your ffhq r10 tfrecords
   # model
   model = config.model
   model.sigma_max = 1348

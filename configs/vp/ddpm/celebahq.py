@@ -1,4 +1,6 @@
 """DDPM on CelebA-HQ 256x256."""
+from ml_collections.config_dict import placeholder
+
 from configs.default_lsun_configs import get_default_configs
 
 
@@ -18,7 +20,7 @@ def get_config():
   data = config.data
   data.dataset = 'CelebAHQ'
   data.centered = True
-  data.tfrecords_path = None  # set to your celeba-hq r08 tfrecords
+  data.tfrecords_path = placeholder(str)  # None; set it to your celeba-hq r08 tfrecords
   data.image_size = 256
   # model
   model = config.model
