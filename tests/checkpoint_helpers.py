@@ -3,7 +3,9 @@ import importlib
 
 import jax
 
-from score_sde import checkpoint_import as ci
+from score_sde import losses
+from score_sde.checkpointing import Checkpoints
+from score_sde.models.utils import param_shapes
 
 
 def tiny_config(name, **model):
@@ -21,12 +23,8 @@ def tiny_config(name, **model):
 def restore_train_state(cfg, workdir, step):
   """The orbax train state at ``step`` of ``workdir`` (target built without compiling); asserts
   that ``step`` is the workdir's only snapshot."""
-  from score_sde import losses
-  from score_sde.checkpointing import Checkpoints
-  from score_sde.models import utils as mutils
-  model = mutils.get_model(cfg.model.name)(config=cfg)
   target = jax.eval_shape(lambda p: losses.init_train_state(
-      cfg, {"params": p}, jax.random.PRNGKey(0)), ci.model_param_shapes(cfg))
+      cfg, {"params": p}, jax.random.PRNGKey(0)), param_shapes(cfg))
   checkpoints = Checkpoints(workdir)
   try:
     assert checkpoints.snapshot_steps() == [step]

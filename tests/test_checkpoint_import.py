@@ -18,6 +18,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from score_sde import checkpoint_import as ci
+from score_sde.models.utils import param_shapes
 from checkpoint_helpers import restore_train_state as _restore
 from checkpoint_helpers import tiny_config as _config
 
@@ -81,7 +82,7 @@ def _assert_tree_equal(a, b):
 @pytest.mark.parametrize("name", ["ve.cifar10_ncsnpp_continuous", "vp.cifar10_ddpm"])
 def test_round_trip_ema_selection_and_newest_file(tmp_path, name):
   cfg = _config(name, nf=32) if "ddpm" == name.split("_")[-1] else _config(name)
-  template = ci.model_param_shapes(cfg)
+  template = param_shapes(cfg)
   rng = np.random.default_rng(0)
   params, ema = _random_tree(template, rng), _random_tree(template, rng)
   _write_reference_checkpoint(tmp_path / "checkpoint_3", _random_tree(template, rng),
@@ -104,7 +105,7 @@ def test_round_trip_ema_selection_and_newest_file(tmp_path, name):
 
 def test_mismatch_names_first_path(tmp_path):
   cfg = _config("ve.cifar10_ncsnpp_continuous")
-  template = ci.model_param_shapes(cfg)
+  template = param_shapes(cfg)
   rng = np.random.default_rng(1)
   params = _random_tree(template, rng)
   path = str(tmp_path / "checkpoint_1")
@@ -150,7 +151,7 @@ def test_import_to_workdir_then_sample(tmp_path):
   cfg.sampling.method = "pc"
   cfg.sampling.predictor = "reverse_diffusion"
   cfg.sampling.corrector = "none"
-  template = ci.model_param_shapes(cfg)
+  template = param_shapes(cfg)
   rng = np.random.default_rng(2)
   params = _random_tree(template, rng)
   ema = jax.tree.map(lambda a: 0.05 * a, _random_tree(template, rng))

@@ -6,7 +6,7 @@ No PyTorch: `tests/torch_pth.py` pickles like `torch.save`. The state dicts are 
 `models/layerspp.py` / `models/layers.py`) and writes for each entry of `all_modules` its tensors
 in registration order and PyTorch layout, together with the Flax path each one must land on
 (Flax's automatic names: the class name and a per-class counter in call order). It is written
-independently of `score_sde.checkpoint_import_torch` (which pairs modules by tracing the Flax
+independently of `score_sde.checkpoint_import.pytorch` (which pairs modules by tracing the Flax
 model), so a wrong pairing, name or transpose in the importer fails here.
 
 The checkpoint dict is what `utils.save_checkpoint` writes: `{'optimizer': Adam.state_dict(),
@@ -22,6 +22,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from score_sde import checkpoint_import as ci
+from score_sde.models.utils import param_shapes
 from checkpoint_helpers import restore_train_state as _restore
 from checkpoint_helpers import tiny_config as _config
 from torch_pth import save as torch_save
@@ -308,7 +309,7 @@ def test_import_matches_pytorch_names_and_layouts(tmp_path, case):
   torch_save(path, ckpt)
   assert ci.is_torch_checkpoint(path)
   # The PyTorch port's parameters are exactly the Flax tree's (names via the reference walk).
-  template = {k: tuple(v.shape) for k, v in flatten_dict(ci.model_param_shapes(cfg)).items()}
+  template = {k: tuple(v.shape) for k, v in flatten_dict(param_shapes(cfg)).items()}
   assert {p: expected["params"][p].shape for p in expected["params"]} == template
   out = ci.import_checkpoint(path, cfg)  # EMA by default
   assert out["step"] == 1300

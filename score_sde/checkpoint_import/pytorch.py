@@ -29,68 +29,54 @@ registration order, buffers left out), so the file's key order gives every param
 Mapping ``all_modules.<i>`` to the Flax tree: our networks create their top-level submodules in the
 same order as the PyTorch forward pass uses ``all_modules`` (both follow the JAX reference), so the
 i-th PyTorch module with parameters is the i-th Flax top-level submodule with parameters, in the
-order :func:`top_level_module_order` records with ``flax.linen.intercept_methods`` while tracing
-``model.init`` (parameterless modules, e.g. a FIR ``Upsample`` without conv, have no state-dict
-entries in PyTorch and no parameters in Flax, so both sides skip them). Each pair must have exactly
+order :func:`top_level_module_order` records with ``flax.linen.intercept_methods`` while
+:func:`score_sde.models.utils.param_shapes` traces ``model.init`` (parameterless modules, e.g. a
+FIR ``Upsample`` without conv, have no state-dict entries in PyTorch and no parameters in Flax, so
+both sides skip them). Each pair must have exactly
 the expected tensor names and shapes; the first difference raises ``ValueError`` naming the PyTorch
 key and the Flax path.
 
 NCSNv2 / NCSN (``ncsnv2_*``, ``ncsn``) checkpoints of the PyTorch port are not supported (their
 RefineNet modules are named differently from the Flax tree); neither are its classifier checkpoints.
-Reading needs no PyTorch: :func:`score_sde.evaluation.weights.read_torch_state_dict`.
+Reading needs no PyTorch: :func:`score_sde.evaluation.weights.read_torch_state_dict`. Telling a
+``torch.save`` file from flax msgpack is :func:`score_sde.checkpoint_import.common.is_torch_file`;
+the format-independent entry points (:func:`score_sde.checkpoint_import.import_checkpoint`,
+``import_to_workdir``) dispatch here.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 import re
-import zipfile
 from typing import Any, Mapping, Optional, Sequence
 
-import flax
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-__all__ = ["SUPPORTED_MODELS", "is_torch_checkpoint", "read_torch_checkpoint",
-           "top_level_module_order", "TorchParamMap", "map_state_dict", "TorchCheckpoint",
-           "load_torch_checkpoint"]
+from score_sde.checkpoint_import.common import (ImportedState, describe_model, fit_params,
+                                                latest_checkpoint, mismatch_error)
+from score_sde.evaluation.weights import read_torch_state_dict
+from score_sde.models import utils as mutils
+
+__all__ = ["SUPPORTED_MODELS", "read_torch_checkpoint", "top_level_module_order",
+           "TorchParamMap", "map_state_dict", "TorchCheckpoint", "load_torch_checkpoint",
+           "import_torch_checkpoint", "load_torch_state"]
 
 SUPPORTED_MODELS = ("ncsnpp", "ddpm")
 # Non-parameter entries of the PyTorch models' state dicts (buffers).
 _BUFFERS = ("sigmas",)
 # Flax top-level modules whose PyTorch parameters have requires_grad=False (not in the EMA).
 _FROZEN_PREFIXES = ("GaussianFourierProjection_",)
-# The legacy (pre-zip) torch.save format starts with pickle protocol 2 of this magic number.
-_LEGACY_PREFIX = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
 # Flax leaf name -> PyTorch parameter name.
 _LEAF_NAMES = {"kernel": "weight", "weight": "weight", "scale": "weight", "bias": "bias",
                "W": "W", "b": "b"}
-
-
-def is_torch_checkpoint(path: str) -> bool:
-  """Whether ``path`` is a ``torch.save`` file: a zip holding ``*/data.pkl`` (torch >= 1.6) or the
-  legacy format's pickled magic number. Decided by content, not by the file extension."""
-  if not os.path.isfile(path):
-    return False
-  if zipfile.is_zipfile(path):
-    try:
-      with zipfile.ZipFile(path) as zf:
-        return any(n == "data.pkl" or n.endswith("/data.pkl") for n in zf.namelist())
-    except zipfile.BadZipFile:
-      return False
-  with open(path, "rb") as f:
-    return f.read(len(_LEGACY_PREFIX)) == _LEGACY_PREFIX
 
 
 def read_torch_checkpoint(path: str) -> dict:
   """The object ``torch.save`` wrote to ``path`` (tensors as numpy arrays), checked to be a
   score_sde_pytorch checkpoint dict (``'model'`` plus optional ``'ema'``, ``'optimizer'``,
   ``'step'``) or a bare model state dict, which is returned as ``{'model': state_dict}``."""
-  from score_sde.evaluation.weights import read_torch_state_dict
   try:
     obj = read_torch_state_dict(path)
   except (pickle.UnpicklingError, ValueError, KeyError, EOFError) as e:
@@ -111,10 +97,8 @@ def read_torch_checkpoint(path: str) -> dict:
 
 
 def _init_trace(config) -> tuple[dict, list[str]]:
-  """(``model.init`` parameter shapes, names of top-level submodules in first-call order)."""
-  from score_sde.models import utils as mutils
-  from score_sde.utils import data_shape
-  model = mutils.get_model(config.model.name)(config=config)
+  """(:func:`score_sde.models.utils.param_shapes` of ``config``, names of the top-level
+  submodules in first-call order), both from one trace of the network's init."""
   order: list[str] = []
 
   def record(next_fun, args, kwargs, context):
@@ -124,13 +108,9 @@ def _init_trace(config) -> tuple[dict, list[str]]:
       order.append(path[0])
     return next_fun(*args, **kwargs)
 
-  x = jnp.zeros((1,) + data_shape(config), jnp.float32)
-  labels = jnp.ones((1,), jnp.float32)
   with nn.intercept_methods(record):
-    variables = jax.eval_shape(
-        lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
-                           x, labels, train=False))
-  return flax.core.unfreeze(variables["params"]), order
+    template = mutils.param_shapes(config)
+  return template, order
 
 
 def top_level_module_order(config) -> list[str]:
@@ -211,16 +191,9 @@ class TorchParamMap:
 
   def to_flax(self, tensors: Mapping[str, np.ndarray], what: str) -> dict:
     """``{torch key: array}`` (all of ``param_keys``, PyTorch layouts) -> Flax parameter tree."""
-    from score_sde.checkpoint_import import fit_params
     flat = {self.flax_path[k]: _to_flax_layout(self.flax_path[k], np.asarray(v))
             for k, v in tensors.items()}
     return fit_params(self.template, unflatten_dict(flat), what=what)
-
-
-def _mismatch(what: str, detail: str) -> ValueError:
-  return ValueError(f"Checkpoint does not fit the {what}: {detail}. Check that the config matches "
-                    "the checkpoint's (model.name, nf, ch_mult, num_res_blocks, attn_resolutions, "
-                    "resblock_type, embedding_type, progressive*, fir, conditional, ...).")
 
 
 def map_state_dict(state_dict: Mapping[str, Any], config,
@@ -231,7 +204,7 @@ def map_state_dict(state_dict: Mapping[str, Any], config,
   path that does not fit (and the PyTorch shape it expected), and for unsupported networks.
   """
   name = str(config.model.name)
-  what = what or f"model {name!r} of this config"
+  what = what or describe_model(config)
   if name not in SUPPORTED_MODELS:
     raise ValueError(f"score_sde_pytorch checkpoints can be imported for model.name in "
                      f"{SUPPORTED_MODELS} (NCSN++ / DDPM++ and DDPM), not {name!r}: the PyTorch "
@@ -252,9 +225,9 @@ def map_state_dict(state_dict: Mapping[str, Any], config,
       groups.setdefault(int(m.group(1)), {})[m.group(2)] = np.asarray(state_dict[full])
       param_keys.append(key)
     elif key not in _BUFFERS:
-      raise _mismatch(what, f"'{full}' is not an entry of a score_sde_pytorch NCSN++ / DDPM state "
-                            "dict (they hold 'all_modules.<i>.*' and the 'sigmas' buffer only; "
-                            "NCSNv2 checkpoints are not supported)")
+      raise mismatch_error(what, f"'{full}' is not an entry of a score_sde_pytorch NCSN++ / DDPM "
+                                 "state dict (they hold 'all_modules.<i>.*' and the 'sigmas' "
+                                 "buffer only; NCSNv2 checkpoints are not supported)")
   template, order = _init_trace(config)
   flax_order = _param_order(template, order)
   indices = sorted(groups)
@@ -262,14 +235,15 @@ def map_state_dict(state_dict: Mapping[str, Any], config,
   for n in range(max(len(indices), len(flax_order))):
     if n >= len(indices):
       rest = ", ".join(flax_order[n:n + 3])
-      raise _mismatch(what, f"the model's '{flax_order[n]}' has no counterpart: the checkpoint has "
-                            f"only {len(indices)} all_modules entries with parameters and the model "
-                            f"{len(flax_order)} ({len(flax_order) - n} left over: {rest}, ...)")
+      raise mismatch_error(what, f"the model's '{flax_order[n]}' has no counterpart: the "
+                                 f"checkpoint has only {len(indices)} all_modules entries with "
+                                 f"parameters and the model {len(flax_order)} "
+                                 f"({len(flax_order) - n} left over: {rest}, ...)")
     i = indices[n]
     if n >= len(flax_order):
-      raise _mismatch(what, f"'{prefix}all_modules.{i}' (tensors {sorted(groups[i])}) has no "
-                            f"counterpart: the model has only {len(flax_order)} top-level "
-                            f"submodules with parameters and the checkpoint {len(indices)}")
+      raise mismatch_error(what, f"'{prefix}all_modules.{i}' (tensors {sorted(groups[i])}) has "
+                                 f"no counterpart: the model has only {len(flax_order)} top-level "
+                                 f"submodules with parameters and the checkpoint {len(indices)}")
     top = flax_order[n]
     want = {}
     for rel, spec in flatten_dict(template[top]).items():
@@ -279,20 +253,21 @@ def map_state_dict(state_dict: Mapping[str, Any], config,
       key = f"all_modules.{i}.{sub}"
       if sub not in have:
         path, shape = want[sub]
-        raise _mismatch(what, f"'{prefix}{key}' is missing from the checkpoint (the model's "
-                              f"'{'/'.join(path)}' {shape} expects it with shape "
-                              f"{_torch_layout_shape(path, shape)}; all_modules.{i} holds "
-                              f"{sorted(have)})")
+        raise mismatch_error(what, f"'{prefix}{key}' is missing from the checkpoint (the "
+                                   f"model's '{'/'.join(path)}' {shape} expects it with shape "
+                                   f"{_torch_layout_shape(path, shape)}; all_modules.{i} holds "
+                                   f"{sorted(have)})")
       if sub not in want:
-        raise _mismatch(what, f"'{prefix}{key}' (shape {tuple(have[sub].shape)}) in the checkpoint "
-                              f"has no counterpart in the model's '{top}' (parameters "
-                              f"{['/'.join(p) for p in flatten_dict(template[top])]})")
+        raise mismatch_error(what, f"'{prefix}{key}' (shape {tuple(have[sub].shape)}) in the "
+                                   f"checkpoint has no counterpart in the model's '{top}' "
+                                   f"(parameters "
+                                   f"{['/'.join(p) for p in flatten_dict(template[top])]})")
       path, shape = want[sub]
       expected = _torch_layout_shape(path, shape)
       if tuple(have[sub].shape) != expected:
-        raise _mismatch(what, f"'{prefix}{key}' has shape {tuple(have[sub].shape)} in the "
-                              f"checkpoint but the model's '{'/'.join(path)}' {shape} needs "
-                              f"{expected}")
+        raise mismatch_error(what, f"'{prefix}{key}' has shape {tuple(have[sub].shape)} in the "
+                                   f"checkpoint but the model's '{'/'.join(path)}' {shape} needs "
+                                   f"{expected}")
       flax_path[key] = path
   return TorchParamMap(flax_path=flax_path, param_keys=param_keys, prefix=prefix,
                        template=template)
@@ -313,6 +288,16 @@ class TorchCheckpoint:
   adam: Optional[tuple[dict, dict]]
   step: Optional[int]
   ema_decay: Optional[float]
+
+  def weights(self, ema: bool = True) -> dict:
+    """The weights to sample with: ``ema_params`` (``ema=True``; ``ValueError`` if the checkpoint
+    has no ``'ema'``) or the raw ``params``."""
+    if not ema:
+      return self.params
+    if self.ema_params is None:
+      raise ValueError("Checkpoint has no 'ema'; pass ema=False (--noema) to load the raw 'model' "
+                       "weights.")
+    return self.ema_params
 
 
 def _ema_tensors(ckpt: Mapping[str, Any], pmap: TorchParamMap,
@@ -375,7 +360,7 @@ def load_torch_checkpoint(path: str, config) -> TorchCheckpoint:
   docstring). Raises ``ValueError`` if any tensor does not fit ``config.model.name``."""
   ckpt = read_torch_checkpoint(path)
   model = ckpt["model"]
-  what = f"model {config.model.name!r} of this config"
+  what = describe_model(config)
   pmap = map_state_dict(model, config, what=what)
   params = pmap.to_flax({k: model[pmap.prefix + k] for k in pmap.param_keys}, what)
   ema = _ema_tensors(ckpt, pmap, model)
@@ -394,3 +379,20 @@ def load_torch_checkpoint(path: str, config) -> TorchCheckpoint:
   return TorchCheckpoint(params=params, ema_params=ema_params, adam=adam,
                          step=None if step is None else int(np.asarray(step)),
                          ema_decay=None if decay is None else float(decay))
+
+
+def import_torch_checkpoint(path: str, config, ema: bool = True) -> dict:
+  """``{'params': params, 'step': int | None}`` of a score_sde_pytorch checkpoint (a file, or the
+  newest ``checkpoint_<N>.pth`` / ``checkpoint_<N>`` of a directory) for ``config``: the EMA
+  weights, or with ``ema=False`` the raw ``model`` weights."""
+  ckpt = load_torch_checkpoint(latest_checkpoint(path), config)
+  return {"params": ckpt.weights(ema), "step": ckpt.step}
+
+
+def load_torch_state(path: str, config, ema: bool = True) -> ImportedState:
+  """The whole train state of a score_sde_pytorch checkpoint for ``config``: ``params`` = ``model``,
+  ``ema_params`` = ``ema.shadow_params`` (``ema=False``: ``model``), Adam ``exp_avg`` /
+  ``exp_avg_sq`` when present, ``step`` (0 if absent)."""
+  ckpt = load_torch_checkpoint(latest_checkpoint(path), config)
+  return ImportedState(params=ckpt.params, ema_params=ckpt.weights(ema), adam=ckpt.adam,
+                       step=0 if ckpt.step is None else ckpt.step)
