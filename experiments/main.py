@@ -23,28 +23,44 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+
+from score_sde.config_validation import define_config_flag  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file (ml-collections).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and results.")
-flags.DEFINE_enum("mode", "all", ["train", "eval", "sample", "all", "fid_stats",
-                                  "train_classifier"],
-                  "What to run (train_classifier: the noise-conditional classifier for classifier "
-                  "guidance, checkpoints in <workdir>/classifier; docs/controllable.md).")
-flags.DEFINE_integer("checkpoint", None, "Step of the checkpoint to sample from (default: newest).")
-flags.DEFINE_string("import_checkpoint", None,
-                    "A released score_sde JAX checkpoint or score_sde_pytorch .pth (file, or "
-                    "directory of checkpoint_<N>[.pth]) to import into --workdir before running "
-                    "--mode.")
-flags.DEFINE_bool("import_ema", True, "With --import_checkpoint: sample / evaluate with the EMA "
-                  "weights (params_ema / PyTorch ema); false: the raw weights.")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for multi-process runs (see score_sde/distributed.py).")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv: list[str] | None = None) -> None:
+  """Defines this command's flags on ``flag_values``; ``sys_argv``: the command line the config
+  overrides are read from (default ``sys.argv``). tests/test_documented_commands.py parses every
+  documented command line with these definitions."""
+  # An unknown --config.<field> exits with one line naming it and the valid fields of its group.
+  define_config_flag("config", None, "Path to a config file (ml-collections).",
+                     flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+  fv = dict(flag_values=flag_values)
+  flags.declare_key_flag("config", **fv)  # listed by --helpshort with the flags below
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and results.",
+                      **fv)
+  flags.DEFINE_enum("mode", "all", ["train", "eval", "sample", "all", "fid_stats",
+                                    "train_classifier"],
+                    "What to run (train_classifier: the noise-conditional classifier for "
+                    "classifier guidance, checkpoints in <workdir>/classifier; "
+                    "docs/controllable.md).", **fv)
+  flags.DEFINE_integer("checkpoint", None, "Step of the checkpoint to sample from (default: "
+                       "newest).", **fv)
+  flags.DEFINE_string("import_checkpoint", None,
+                      "A released score_sde JAX checkpoint or score_sde_pytorch .pth (file, or "
+                      "directory of checkpoint_<N>[.pth]) to import into --workdir before running "
+                      "--mode.", **fv)
+  flags.DEFINE_bool("import_ema", True, "With --import_checkpoint: sample / evaluate with the EMA "
+                    "weights (params_ema / PyTorch ema); false: the raw weights.", **fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs "
+                      "(see score_sde/distributed.py).", **fv)
+  flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.", **fv)
+  flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.", **fv)
+  flags.mark_flags_as_required(["config", "workdir"], **fv)
+
+
+define_flags()
 
 
 def main(argv):
