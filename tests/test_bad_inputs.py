@@ -21,6 +21,9 @@ from conftest import tiny_toy_config
 from score_sde.config_validation import (UnknownConfigFieldError, unknown_override_message,
                                          validate_config)
 
+# ml_collections loads each config file with the deprecated load_module(); not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
