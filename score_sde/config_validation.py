@@ -14,7 +14,7 @@ Three layers, all run by :func:`validate_config`:
   their own checks (image size vs ``ch_mult``, sampler options, ...) run at start-up too. They are
   skipped when the table already found a bad field they read (their errors would only repeat it).
 
-Each message names the field (``config.<group>.<field>=<value>``) and what to change;
+Each message names the field (``config.<group>.<field>``), its value and what to change;
 :func:`validate_config` raises one ``ValueError`` listing every problem, so a user fixes a config
 in one round.
 
@@ -652,6 +652,8 @@ class _CheckedConfigParser:
     return config
 
   def __getattr__(self, attr):
+    if attr.startswith("__") or attr == "_parser":  # copy / pickle probe a bare instance
+      raise AttributeError(attr)
     return getattr(self._parser, attr)
 
 

@@ -148,3 +148,14 @@ def test_registries_define_the_choices():
   assert cv.FIELDS["eval.hutchinson_type"].choice_list() == list(likelihood.HUTCHINSON_TYPES)
   assert set(cv.FIELDS["model.parametrization"].choice_list()) == {""} | set(
       sde_lib.PARAMETRIZATIONS)
+
+
+def test_network_choice_lists_match_the_networks():
+  """ACTIVATIONS / NORMALIZATIONS are written out in the table; the networks must agree."""
+  from score_sde.models import layers, normalization
+  assert set(cv.ACTIVATIONS) == set(layers._ACTIVATIONS)
+  for name in cv.NORMALIZATIONS:
+    normalization.get_normalization(ml_collections.ConfigDict({"model": {"normalization": name}}))
+  with pytest.raises(ValueError, match="BatchNorm"):
+    normalization.get_normalization(
+        ml_collections.ConfigDict({"model": {"normalization": "BatchNorm"}}))
