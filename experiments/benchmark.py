@@ -1,7 +1,7 @@
 """Spine benchmark: MNIST U-Net training speed and memory; PC / ODE sampler and likelihood cost.
 
-  python experiments/benchmark.py --out benchmarks/out/spine_cpu.json            # CPU, small
-  python experiments/benchmark.py --out benchmarks/out/spine_gpu.json \
+  python -m experiments.benchmark --out benchmarks/out/spine_cpu.json            # CPU, small
+  python -m experiments.benchmark --out benchmarks/out/spine_gpu.json \
       --batch 128 --sample_batch 64 --train_steps 3000 --data_dir /path/to/mnist   # GPU
 
 Measured, in order:
@@ -25,29 +25,37 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from score_sde.utils import write_json  # noqa: E402
+from experiments import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "benchmarks/out/spine.json", "Where to write the JSON results.")
-flags.DEFINE_integer("batch", 32, "Global training batch.")
-flags.DEFINE_integer("n_jitted_steps", 5, "Training steps per compiled call.")
-flags.DEFINE_integer("timed_calls", 10, "Compiled training calls timed after the first.")
-flags.DEFINE_integer("train_steps", 0, "Train this many steps before the sampling rows.")
-flags.DEFINE_integer("sample_batch", 8, "Batch of the sampler and likelihood rows.")
-flags.DEFINE_string("data_dir", None, "Directory with the MNIST idx files (optional).")
-flags.DEFINE_string("config", "configs/mnist/vp_continuous.py", "Config file of the U-Net.")
-flags.DEFINE_bool("exact", True, "Also time the samplers with the exact 784-d mixture score.")
-flags.DEFINE_bool("network", True, "Time the samplers and likelihood with the U-Net (slow on CPU).")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags on ``flag_values``. Called when the script runs, so that importing
+  the module defines no flags."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("out", "benchmarks/out/spine.json", "Where to write the JSON results.", **fv)
+  flags.DEFINE_integer("batch", 32, "Global training batch.", **fv)
+  flags.DEFINE_integer("n_jitted_steps", 5, "Training steps per compiled call.", **fv)
+  flags.DEFINE_integer("timed_calls", 10, "Compiled training calls timed after the first.", **fv)
+  flags.DEFINE_integer("train_steps", 0, "Train this many steps before the sampling rows.", **fv)
+  flags.DEFINE_integer("sample_batch", 8, "Batch of the sampler and likelihood rows.", **fv)
+  flags.DEFINE_string("data_dir", None, "Directory with the MNIST idx files (optional).", **fv)
+  config_flags.DEFINE_config_file("config", "configs/mnist/vp_continuous.py",
+                                  "Config file of the U-Net (--config.<field>=value "
+                                  "overrides).", **fv)
+  flags.DEFINE_bool("exact", True, "Also time the samplers with the exact 784-d mixture score.",
+                    **fv)
+  flags.DEFINE_bool("network", True, "Time the samplers and likelihood with the U-Net (slow on "
+                    "CPU).", **fv)
 
 
 def _peak_memory() -> dict:
@@ -63,14 +71,6 @@ def _timed(fn, *args):
   t0 = time.perf_counter()
   out = jax.block_until_ready(fn(*args))
   return out, time.perf_counter() - t0
-
-
-def _load_config(path: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _batches(trainer, config, n: int, rng: np.random.Generator, ds):
@@ -142,9 +142,9 @@ def bench_samplers(sde, shape, score_fn, x_data, label: str) -> dict:
   return rows
 
 
-def main(argv):
-  del argv
-  config = _load_config(FLAGS.config)
+def main(argv) -> None:
+  common.no_arguments(argv)
+  config = FLAGS.config
   config.training.batch_size = FLAGS.batch
   config.training.n_jitted_steps = FLAGS.n_jitted_steps
   config.data.data_dir = FLAGS.data_dir
@@ -152,7 +152,7 @@ def main(argv):
   results = {"machine": {"platform": dev.platform, "device": dev.device_kind,
                          "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
                          "python": platform.python_version(), "jax": jax.__version__},
-             "config": FLAGS.config}
+             "config": config_flags.get_config_filename(FLAGS["config"])}
   print(results["machine"])
   trainer, trained, ds = bench_train(config, results)
   shape = (FLAGS.sample_batch,) + trainer.shape
@@ -175,9 +175,9 @@ def main(argv):
     x_exact = mixture.sample(jax.random.PRNGKey(3), FLAGS.sample_batch)
     results["exact"] = bench_samplers(trainer.sde, shape, mixture.score_fn(trainer.sde), x_exact,
                                       "exact")
-  write_json(FLAGS.out, results)
-  print(f"wrote {FLAGS.out}")
+  common.write_result(FLAGS.out, results)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

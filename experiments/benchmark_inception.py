@@ -1,7 +1,7 @@
 """Throughput of the Flax FID Inception (images/s) and the time to evaluate 10k / 50k samples.
 
-  python experiments/benchmark_inception.py --batch 32 --iters 16 --out /tmp/inception_cpu.json
-  python experiments/benchmark_inception.py --batch 500 --iters 20 --precision highest,default \
+  python -m experiments.benchmark_inception --batch 32 --iters 16 --out /tmp/inception_cpu.json
+  python -m experiments.benchmark_inception --batch 500 --iters 20 --precision highest,default \
       --out inception_gpu.json
 
 "Evaluate" = Inception features of every sample + float64 running statistics (FeatureStats
@@ -17,15 +17,32 @@ per batch after one compile-and-warm-up call, with block_until_ready.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import time
 
 import jax
 import numpy as np
+from absl import app, flags
 
+from experiments import common
 from score_sde.evaluation import inception, metrics, weights
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags on ``flag_values``. Called when the script runs, so that importing
+  the module defines no flags."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_integer("batch", None, "Images per Inception call (default: 8 on CPU, 500 on an "
+                       "accelerator).", lower_bound=1, **fv)
+  flags.DEFINE_integer("iters", None, "Timed calls (default: 3 on CPU, 20 on an accelerator).",
+                       lower_bound=1, **fv)
+  flags.DEFINE_integer("image-size", 32, "Side of the random uint8 images (resized to 299).", **fv)
+  flags.DEFINE_list("precision", ["highest"], "Conv precisions to time: highest (true f32), "
+                    "default (the backend's).", **fv)
+  flags.DEFINE_string("weights", None, "Path of the .pth (else the cache).", **fv)
+  flags.DEFINE_string("out", None, "Write the results as JSON here.", **fv)
 
 
 def _load_variables(path: str | None):
@@ -37,47 +54,39 @@ def _load_variables(path: str | None):
     return inception.init_inception(seed=0), "random (real weights absent)"
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv) -> None:
+  common.no_arguments(argv)
   on_cpu = jax.default_backend() == "cpu"
-  parser.add_argument("--batch", type=int, default=8 if on_cpu else 500)
-  parser.add_argument("--iters", type=int, default=3 if on_cpu else 20)
-  parser.add_argument("--image-size", type=int, default=32)
-  parser.add_argument("--precision", default="highest",
-                      help="comma list of conv precisions: highest (true f32), default (backend)")
-  parser.add_argument("--weights", default=None, help="path of the .pth (else the cache)")
-  parser.add_argument("--out", default=None, help="write the results as JSON here")
-  args = parser.parse_args()
-  if args.batch < 1 or args.iters < 1:
-    parser.error("--batch and --iters must be >= 1")
-
-  variables, weights_kind = _load_variables(args.weights)
+  batch = FLAGS.batch or (8 if on_cpu else 500)
+  iters = FLAGS.iters or (3 if on_cpu else 20)
+  image_size = FLAGS["image-size"].value
+  variables, weights_kind = _load_variables(FLAGS.weights)
   variables = jax.device_put(variables)
   images = np.random.default_rng(0).integers(
-      0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=np.uint8)
+      0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
   images = jax.device_put(images)
   device = jax.devices()[0]
   results = {"device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__,
-             "host": platform.node(), "weights": weights_kind, "batch": args.batch,
-             "image_size": args.image_size, "iters": args.iters, "runs": []}
-  for precision in args.precision.split(","):
+             "host": platform.node(), "weights": weights_kind, "batch": batch,
+             "image_size": image_size, "iters": iters, "runs": []}
+  for precision in FLAGS.precision:
     fn = inception.get_inception_fn(variables, precision=None if precision == "default"
                                     else precision)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(images))
     compile_s = time.perf_counter() - t0
     times = []
-    for _ in range(args.iters):
+    for _ in range(iters):
       t0 = time.perf_counter()
       jax.block_until_ready(fn(images))
       times.append(time.perf_counter() - t0)
     per_batch = float(np.median(times))
-    ips = args.batch / per_batch
+    ips = batch / per_batch
     # Host-side float64 statistics and the FID itself.
     feats = np.asarray(fn(images)["pool_3"])
     t0 = time.perf_counter()
     stats = metrics.FeatureStats.zeros().update(feats)
-    stats_per_image = (time.perf_counter() - t0) / args.batch
+    stats_per_image = (time.perf_counter() - t0) / batch
     rng = np.random.default_rng(1)
     ref_feats = rng.random((4096, inception.POOL3_DIM))
     ref = metrics.InceptionStats.from_features(ref_feats)
@@ -90,21 +99,19 @@ def main() -> None:
       return n / ips + n * stats_per_image + fid_s
     run = {"precision": precision, "compile_and_first_call_s": compile_s,
            "median_batch_s": per_batch, "images_per_s": ips,
-           "measured_images": args.batch * args.iters,
+           "measured_images": batch * iters,
            "stats_update_s_per_image": stats_per_image, "fid_s": fid_s,
            "features_10k_s": 10_000 / ips, "time_10k_samples_s": total(10_000),
            "time_50k_samples_s": total(50_000), "extrapolated": True}
     results["runs"].append(run)
-    print(f"[{results['device']}] precision={precision:8s} batch={args.batch} "
-          f"{args.image_size}px->299: {ips:9.1f} img/s measured on {args.batch * args.iters} "
+    print(f"[{results['device']}] precision={precision:8s} batch={batch} "
+          f"{image_size}px->299: {ips:9.1f} img/s measured on {batch * iters} "
           f"images; extrapolated 10k samples (features + stats + FID) {total(10_000):8.1f} s, "
           f"50k {total(50_000):8.1f} s (FID {fid_s:.2f} s; compile+first call {compile_s:.1f} s;"
           f" weights: {weights_kind})")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+  common.write_result(FLAGS.out, results)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -11,10 +11,10 @@ all threads), with the host's 1-minute load average: on a shared machine the CPU
 figure that does not depend on what else runs.
 
   # CPU (the defaults: batch 8, 3 timed steps, both configs, float32)
-  python experiments/benchmark_networks.py --out docs/benchmark_networks_cpu.json
+  python -m experiments.benchmark_networks --out docs/benchmark_networks_cpu.json
   # GPU: paper batch, bf16 mixed precision as a second run
-  python experiments/benchmark_networks.py --batch 128 --steps 20 --out bench_gpu_f32.json
-  python experiments/benchmark_networks.py --batch 128 --steps 20 --dtype bfloat16 \
+  python -m experiments.benchmark_networks --batch 128 --steps 20 --out bench_gpu_f32.json
+  python -m experiments.benchmark_networks --batch 128 --steps 20 --dtype bfloat16 \
       --out bench_gpu_bf16.json
 
 ``--dtype bfloat16`` sets ``config.model.dtype='bfloat16'``: bf16 convolutions / matmuls, float32
@@ -22,26 +22,36 @@ parameters, normalization statistics, network output, loss and optimizer.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import os
 import resource
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from experiments import common
+from score_sde import losses, sde_lib
+from score_sde.models import utils as mutils
+from score_sde.utils import data_shape
 
-from score_sde import losses, sde_lib  # noqa: E402
-from score_sde.models import utils as mutils  # noqa: E402
-from score_sde.utils import data_shape  # noqa: E402
-
+FLAGS = flags.FLAGS
 DEFAULT_CONFIGS = ("vp.cifar10_ddpmpp_continuous", "ve.cifar10_ncsnpp_deep_continuous")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags on ``flag_values``. Called when the script runs, so that importing
+  the module defines no flags."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_list("configs", list(DEFAULT_CONFIGS), "Config modules under configs/.", **fv)
+  flags.DEFINE_integer("batch", 8, "Images per training step.", **fv)
+  flags.DEFINE_integer("steps", 3, "Timed training steps.", **fv)
+  flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.", **fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "config.model.dtype: compute "
+                    "dtype (params / loss stay float32).", **fv)
+  flags.DEFINE_string("out", None, "Write the records as JSON here.", **fv)
 
 
 def _peak_memory(device) -> tuple[int | None, str]:
@@ -118,20 +128,11 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
   }
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                      help="Comma-separated config modules under configs/.")
-  parser.add_argument("--batch", type=int, default=8, help="Images per training step.")
-  parser.add_argument("--steps", type=int, default=3, help="Timed training steps.")
-  parser.add_argument("--warmup", type=int, default=1, help="Untimed steps after compiling.")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                      help="config.model.dtype: compute dtype (params / loss stay float32).")
-  parser.add_argument("--out", default=None, help="Write the records as JSON here.")
-  args = parser.parse_args()
+def main(argv) -> None:
+  common.no_arguments(argv)
   records = []
-  for name in args.configs.split(","):
-    r = benchmark(name.strip(), args.batch, args.steps, args.warmup, args.dtype)
+  for name in FLAGS.configs:
+    r = benchmark(name, FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.dtype)
     records.append(r)
     mem = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']})"
     print(f"{r['config']} [{r['network']}, {r['params'] / 1e6:.1f}M params, {r['dtype']}, "
@@ -140,11 +141,9 @@ def main() -> None:
           f"({r['compile_cpu_s']:.1f} CPU s, load {r['load_avg_1min']}), "
           f"{r['step_s']:.3f} s/step, {r['images_per_s']:.1f} images/s, peak memory {mem}, "
           f"loss {r['final_loss']:.4g}", flush=True)
-    if args.out:
-      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-      with open(args.out, "w") as f:
-        json.dump(records, f, indent=1)
+    common.write_result(FLAGS.out, records, say=False)  # after every config
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -1,29 +1,25 @@
 """Benchmark: what starting a fast sampler below T (option ``t_start``) does on an exact score.
 
-The exact Gaussian-mixture score of ``benchmark_samplers.py`` (same mixtures, reference samples,
-noise floor and energy distance), so only the start-time choice differs between rows: for each SDE,
-sampler, NFE and t_start the energy distance of ``--num-samples`` samples to true samples. The
-prior draw x_T is the same for every row; below T it is scaled by ``start_scale`` (1 on VP).
+The exact Gaussian-mixture score of ``benchmark_samplers`` (``common.mixture_source``: same
+mixtures, reference samples, noise floor and energy distance), so only the start-time choice
+differs between rows: for each SDE, sampler, NFE and t_start the energy distance of
+``--num-samples`` samples to true samples. The prior draw x_T is the same for every row; below T it
+is scaled by ``start_scale`` (1 on VP).
 
-  python experiments/benchmark_start_time.py --sdes vp,ve --dims 64 --nfes 10,20 \
+  python -m experiments.benchmark_start_time --sdes vp,ve --dims 64 --nfes 10,20 \
       --t-starts 1,0.9,0.8 --out docs/results/start_time_exact.json
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
 import jax
-import numpy as np
+from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark_samplers as bs  # noqa: E402
+from experiments import common
+from score_sde.sampling import get_sampler
 
-from score_sde.sampling import get_sampler  # noqa: E402
-from score_sde.utils import write_json  # noqa: E402
-
+FLAGS = flags.FLAGS
 CONFIGS = {
     "dpm_solver++2M": ("dpm_solver_pp", dict(order=2)),
     "unipc-3 bh2": ("unipc", dict(order=3, variant="bh2")),
@@ -32,16 +28,27 @@ CONFIGS = {
 }
 
 
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags on ``flag_values``. Called when the script runs, so that importing
+  the module defines no flags."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_list("sdes", ["vp", "ve"], f"SDEs, from {sorted(common.SDE_NAMES)}.", **fv)
+  flags.DEFINE_list("dims", ["64"], "Data dimensions.", **fv)
+  flags.DEFINE_list("nfes", ["10", "20"], "NFE grid.", **fv)
+  flags.DEFINE_list("t-starts", ["1", "0.9", "0.8"], "Start times; values >= T mean T.", **fv)
+  flags.DEFINE_integer("num-samples", 2000, "Samples per row.", **fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the reference samples, x_T and the sampler noise.", **fv)
+  flags.DEFINE_string("out", "", "JSON output path.", **fv)
+
+
 def run(sde_name: str, dim: int, nfes, t_starts, num_samples: int, seed: int = 0,
         log=print) -> dict:
   """Energy distance to true samples per (config, NFE, t_start); t_start = T means the default."""
-  source = bs.mixture_source(dim)
-  sde = bs.make_sde(sde_name)
+  source = common.mixture_source(dim)
+  sde = common.make_sde(sde_name)
   shape = (num_samples,) + tuple(source.data_shape)
   k_ref, k_floor, k_sample, k_sw, k_T = jax.random.split(jax.random.PRNGKey(seed), 5)
-  ref = source.sample(k_ref, num_samples)
-  floor = float(np.mean([bs.distance(k_sw, source.sample(k, num_samples), ref)["energy"]
-                         for k in jax.random.split(k_floor, 3)]))
+  ref, floor, _ = common.reference_and_floor(source, num_samples, k_ref, k_floor, k_sw)
   x_T = sde.prior_sampling(k_T, shape)
   score_fn = source.score_fn(sde)
   rows = []
@@ -51,11 +58,12 @@ def run(sde_name: str, dim: int, nfes, t_starts, num_samples: int, seed: int = 0
         sampler = get_sampler(name, sde, shape, nfe=nfe, t_start=min(t_start, sde.T), **options)
         t0 = time.time()
         x, used = sampler(k_sample, score_fn, x_T)
-        energy = bs.distance(k_sw, jax.block_until_ready(x), ref)["energy"]
+        energy = common.distances(k_sw, jax.block_until_ready(x), ref)["energy"]
         rows.append({"sampler": label, "nfe": int(used), "t_start": float(t_start),
                      "energy": energy, "seconds": round(time.time() - t0, 2)})
         log(f"  {label:32s} nfe={used:3d} t_start={t_start:<5g} energy={energy:.4g}")
-  return {"sde": sde_name, "dim": dim, "num_samples": num_samples, "floor": floor, "rows": rows}
+  return {"sde": sde_name, "dim": dim, "num_samples": num_samples, "floor": floor["energy"],
+          "rows": rows}
 
 
 def table(res: dict) -> str:
@@ -71,31 +79,21 @@ def table(res: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--sdes", default="vp,ve")
-  p.add_argument("--dims", default="64")
-  p.add_argument("--nfes", default="10,20")
-  p.add_argument("--t-starts", default="1,0.9,0.8", help="start times; values >= T mean T")
-  p.add_argument("--num-samples", type=int, default=2000)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="", help="JSON output path")
-  args = p.parse_args(argv)
-  parse = lambda s, f: [f(v) for v in s.split(",") if v]
+def main(argv) -> None:
+  common.no_arguments(argv)
+  sdes = common.check_sde_names(FLAGS.sdes)
+  n = FLAGS["num-samples"].value
   out = {"runs": {}, "jax": jax.__version__}
-  for sde_name in parse(args.sdes, str):
-    if sde_name not in bs.SDE_NAMES:
-      p.error(f"unknown SDE {sde_name!r}; choose from {sorted(bs.SDE_NAMES)}")
-    for dim in parse(args.dims, int):
-      print(f"== {sde_name.upper()} SDE, dim {dim}, {args.num_samples} samples ==", flush=True)
-      res = run(sde_name, dim, parse(args.nfes, int), parse(args.t_starts, float),
-                args.num_samples, args.seed, log=lambda m: print(m, flush=True))
+  for sde_name in sdes:
+    for dim in common.ints(FLAGS.dims):
+      common.log(f"== {sde_name.upper()} SDE, dim {dim}, {n} samples ==")
+      res = run(sde_name, dim, common.ints(FLAGS.nfes), common.floats(FLAGS["t-starts"].value), n,
+                FLAGS.seed, log=common.log)
       out["runs"][f"{sde_name}_d{dim}"] = res
-      print("\nenergy distance to true samples:\n" + table(res) + "\n", flush=True)
-      if args.out:
-        write_json(args.out, out)
-  return out
+      common.log("\nenergy distance to true samples:\n" + table(res) + "\n")
+      common.write_result(FLAGS.out, out, say=False)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -1,21 +1,23 @@
 """Our fast samplers vs Hugging Face ``diffusers`` on the score of a *trained network* (MNIST).
 
-The network-score companion of ``experiments/compare_reference_samplers.py`` (which uses the exact
+The network-score companion of ``experiments.compare_reference_samplers`` (which uses the exact
 score of a Gaussian mixture). Everything about the model and the quality measure is
-``experiments/benchmark_samplers_mnist.py``'s: the same U-Net of configs/mnist/vp_continuous.py
-(trained, or reused from ``--workdir``), the same self-trained MNIST classifier, the same Frechet
-distance in its features to held-out test images (**not FID**), the same noise floor, and the
-same prior noise x_T for every sampler (``prior_noise``). With the same flags as a
-``benchmark_samplers_mnist`` run, the numbers of the two scripts are directly comparable.
+``benchmark_samplers_mnist``'s (``experiments.mnist_setup``): the same U-Net of
+configs/mnist/vp_continuous.py (trained, or reused from ``--workdir``), the same self-trained MNIST
+classifier, the same Frechet distance in its features to held-out test images (**not FID**), the
+same noise floor, and the same prior noise x_T for every sampler (``mnist_setup.prior_noise``).
+With the same flags as a ``benchmark_samplers_mnist`` run, the numbers of the two scripts are
+directly comparable.
 
-How diffusers is driven: exactly as in ``compare_reference_samplers`` (its ``EpsModel``,
-``run_reference`` and grid of scheduler settings ``reference_configs``): the schedulers are built
-with the DDPM betas that discretize the config's VP SDE and get the network's epsilon-prediction
--sigma * s_theta(x, t(s)) at the noise level they integrate at. Our side runs the configurations
-of ``compare_reference_samplers.OURS`` and ``OURS_STOCHASTIC`` and a few of them started below T
-(``OURS_T_START``). For each NFE the best of each side is compared.
+How diffusers is driven: exactly as in ``compare_reference_samplers``
+(``experiments.diffusers_reference``: ``EpsModel``, ``run_reference`` and the grid of scheduler
+settings ``reference_configs``): the schedulers are built with the DDPM betas that discretize the
+config's VP SDE and get the network's epsilon-prediction -sigma * s_theta(x, t(s)) at the noise
+level they integrate at. Our side runs the configurations of ``diffusers_reference.OURS`` and
+``OURS_STOCHASTIC`` and a few of them started below T (``OURS_T_START``). For each NFE the best of
+each side is compared.
 
-  python experiments/compare_reference_samplers_mnist.py --data_dir /path/to/mnist \
+  python -m experiments.compare_reference_samplers_mnist --data_dir /path/to/mnist \
       --workdir /tmp/mnist_bench --train_steps 1000 --warmup 100 --ema_rate 0.99 \
       --num_samples 256 --sample_batch 128 --nfes 10,20 \
       --out docs/results/samplers_vs_diffusers_mnist.json
@@ -25,8 +27,6 @@ Needs ``torch`` and ``diffusers`` (benchmark-only); without them it prints a mes
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -34,50 +34,57 @@ import jax
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark_samplers_mnist as bench  # noqa: E402  (defines the shared flags)
-import compare_reference_samplers as ref  # noqa: E402
-
-from score_sde import sde_lib  # noqa: E402
-from score_sde.sampling import get_sampler  # noqa: E402
-from score_sde.utils import write_json  # noqa: E402
+from experiments import common, diffusers_reference as dref, mnist_setup
+from experiments.mnist_setup import Settings
+from score_sde import sde_lib
+from score_sde.sampling import get_sampler
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("only", [], "Run only the labels (ours and theirs) containing one of these "
-                  "substrings.")
-flags.DEFINE_integer("repeats", 1, "Sample sets per configuration (new prior noise and sampler "
-                     "noise each); the FD is their mean.")
 DEFAULT_OUT = "docs/results/samplers_vs_diffusers_mnist.json"
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines on ``flag_values`` the settings shared with benchmark_samplers_mnist
+  (``mnist_setup.define_flags``) and this script's own flags. Called when the script runs, so that
+  importing the module defines no flags."""
+  fv = dict(flag_values=flag_values)
+  mnist_setup.define_flags(flag_values, out=DEFAULT_OUT)
+  flags.adopt_module_key_flags(mnist_setup, **fv)  # listed by --help with this script's own
+  flags.DEFINE_list("only", [], "Run only the labels (ours and theirs) containing one of these "
+                    "substrings.", **fv)
+  flags.DEFINE_integer("repeats", 1, "Sample sets per configuration (new prior noise and sampler "
+                       "noise each); the FD is their mean.", **fv)
+
 
 # Our samplers started below T (option t_start; diffusers' 'leading' spacing starts at t = 0.9
 # with 10 of 1000 steps, 0.95 with 20).
 OURS_T_START = {
     f"{label} t_start={t}": (name, dict(options, t_start=t))
     for label, (name, options), t in [
-        ("dpm_solver++2M-SDE edm +denoise", ref.OURS_STOCHASTIC["dpm_solver++2M-SDE edm +denoise"],
-         0.9),
-        ("dpm_solver++2M-SDE edm +denoise", ref.OURS_STOCHASTIC["dpm_solver++2M-SDE edm +denoise"],
-         0.8),
-        ("dpm_solver++2M-SDE time_uniform", ref.OURS_STOCHASTIC["dpm_solver++2M-SDE time_uniform"],
-         0.9),
-        ("dpm_solver++2M-SDE", ref.OURS_STOCHASTIC["dpm_solver++2M-SDE"], 0.9),
-        ("dpm_solver++2M", ref.OURS["dpm_solver++2M"], 0.9),
-        ("dpm_solver++2M", ref.OURS["dpm_solver++2M"], 0.8),
-        ("unipc-3 bh2", ref.OURS["unipc-3 bh2"], 0.9),
-        ("ddim", ref.OURS["ddim"], 0.9),
+        ("dpm_solver++2M-SDE edm +denoise",
+         dref.OURS_STOCHASTIC["dpm_solver++2M-SDE edm +denoise"], 0.9),
+        ("dpm_solver++2M-SDE edm +denoise",
+         dref.OURS_STOCHASTIC["dpm_solver++2M-SDE edm +denoise"], 0.8),
+        ("dpm_solver++2M-SDE time_uniform",
+         dref.OURS_STOCHASTIC["dpm_solver++2M-SDE time_uniform"], 0.9),
+        ("dpm_solver++2M-SDE", dref.OURS_STOCHASTIC["dpm_solver++2M-SDE"], 0.9),
+        ("dpm_solver++2M", dref.OURS["dpm_solver++2M"], 0.9),
+        ("dpm_solver++2M", dref.OURS["dpm_solver++2M"], 0.8),
+        ("unipc-3 bh2", dref.OURS["unipc-3 bh2"], 0.9),
+        ("ddim", dref.OURS["ddim"], 0.9),
     ]}
 
 
-def _noise(s: bench.Settings, sde: sde_lib.SDE, batch: int, repeat: int):
+def _noise(s: Settings, sde: sde_lib.SDE, repeat: int):
   """(x_T, sampling key) of repeat ``repeat``; repeat 0 is benchmark_samplers_mnist's."""
-  x_T, k_sample, _ = bench.prior_noise(s, sde, batch)
+  x_T, k_sample, _ = mnist_setup.prior_noise(s, sde)
   if repeat == 0:
     return x_T, k_sample
   k_T, k_sample = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(s.seed), 1000 + repeat))
   return np.asarray(sde.prior_sampling(k_T, x_T.shape)), k_sample
 
 
-def _row(prep: bench.Prepared, s: bench.Settings, draws: list) -> Optional[dict]:
+def _row(prep: mnist_setup.Prepared, s: Settings, draws: list) -> Optional[dict]:
   """``draws``: [(samples, nfe, seconds)] per repeat -> FD mean (and std / each over repeats)."""
   fds = []
   for x, _, _ in draws:
@@ -92,21 +99,20 @@ def _row(prep: bench.Prepared, s: bench.Settings, draws: list) -> Optional[dict]
   return row
 
 
-def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (), repeats: int = 1,
+def compare(s: Settings, diffusers, torch, only: Sequence[str] = (), repeats: int = 1,
             log: Callable[[str], None] = print) -> dict:
   """Both sides at every NFE of ``s.nfes``; with ``repeats`` > 1 every configuration draws that
   many sample sets (new x_T and sampler noise each; the first is the benchmark's) and reports the
   mean FD, its standard deviation and each value. Returns the JSON-able result."""
   if repeats < 1:
     raise ValueError(f"--repeats must be >= 1, got {repeats}.")
-  keep = (lambda label: any(w in label for w in only)) if only else (lambda label: True)
-  prep = bench.prepare(s, log)
+  prep = mnist_setup.prepare(s, log)
   sde = sde_lib.get_sde(prep.config)
   if not isinstance(sde, sde_lib.VPSDE) or isinstance(sde, sde_lib.subVPSDE):
     raise ValueError("diffusers' schedulers discretize a VP SDE; the MNIST config must use one.")
-  batch = min(s.sample_batch, s.num_samples)
-  noise = [_noise(s, sde, batch, r) for r in range(repeats)]
-  eps_model = ref.EpsModel(bench.make_score_fn(sde, prep.model, prep.params), sde, torch)
+  batch, _ = s.batching
+  noise = [_noise(s, sde, r) for r in range(repeats)]
+  eps_model = dref.EpsModel(mnist_setup.make_score_fn(sde, prep.model, prep.params), sde, torch)
   res = {"settings": dataclasses.asdict(s), "repeats": repeats,
          "diffusers": diffusers.__version__, "torch": torch.__version__, "jax": jax.__version__,
          **prep.info, "ours": {}, "reference": {}}
@@ -115,8 +121,8 @@ def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (), repea
   def theirs_once(cls_name: str, kwargs: dict, nfe: int, r: int):
     x_T, parts, used, t0 = noise[r][0], [], 0, time.time()
     for i in range(0, len(x_T), batch):
-      x, n = ref.run_reference(diffusers, torch, cls_name, kwargs, nfe, eps_model,
-                               x_T[i:i + batch], sde, seed=s.seed * 1000 + i + 1_000_000 * r)
+      x, n = dref.run_reference(diffusers, torch, cls_name, kwargs, nfe, eps_model,
+                                x_T[i:i + batch], sde, seed=s.seed * 1000 + i + 1_000_000 * r)
       parts.append(x)
       used = max(used, n)
     return np.concatenate(parts), used, time.time() - t0
@@ -131,11 +137,11 @@ def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (), repea
     log(f"  {side:9s} {label:38s} nfe={row['nfe']:3d}  FD={row['fd']:8.4g}"
         + (f" +- {row['fd_std']:.3g}" if "fd_std" in row else ""))
 
+  ours_grid = dref.selected({**dref.OURS, **dref.OURS_STOCHASTIC, **OURS_T_START}, only)
+  theirs_grid = dref.selected(dref.reference_configs(stochastic=True), only)
   for nfe in s.nfes:
     ours, theirs = {}, {}
-    for label, (name, options) in {**ref.OURS, **ref.OURS_STOCHASTIC, **OURS_T_START}.items():
-      if not keep(label):
-        continue
+    for label, (name, options) in ours_grid.items():
       try:
         sampler = get_sampler(name, sde, shape, nfe=nfe, **options)
       except ValueError as e:
@@ -143,13 +149,11 @@ def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (), repea
         continue
       draws = []
       for x_T, k_sample in noise:
-        x, used, _, seconds = bench.draw_samples(sampler, True, sde, prep.model, prep.params, x_T,
-                                                 k_sample, batch)
+        x, used, _, seconds = mnist_setup.draw_samples(sampler, sde, prep.model, prep.params,
+                                                       k_sample, s, x_T)
         draws.append((x, used, seconds))
       record("ours", ours, label, nfe, draws)
-    for label, (cls_name, kwargs) in ref.reference_configs(stochastic=True).items():
-      if not keep(label):
-        continue
+    for label, (cls_name, kwargs) in theirs_grid.items():
       try:
         draws = [theirs_once(cls_name, kwargs, nfe, r) for r in range(repeats)]
       except Exception as e:  # pylint: disable=broad-except  # a setting that cannot run here
@@ -159,26 +163,9 @@ def compare(s: bench.Settings, diffusers, torch, only: Sequence[str] = (), repea
         raise AssertionError(f"{label} spent more than {nfe} model calls")
       record("diffusers", theirs, label, nfe, draws)
     res["ours"][str(nfe)], res["reference"][str(nfe)] = ours, theirs
-    if s.out:
-      write_json(s.out, res)
-  res["summary"] = summary(res)
+    common.write_result(s.out, res, say=False)
+  res["summary"] = dref.summary(res["ours"], res["reference"], res["floor"]["fd"], ("fd",))
   return res
-
-
-def summary(res: dict) -> list[dict]:
-  """Per NFE: the best configuration of each side and whether ours is at least as good."""
-  out = []
-  for nfe, ours in res["ours"].items():
-    theirs = res["reference"][nfe]
-    if not ours or not theirs:
-      continue
-    best_o = min(ours, key=lambda k: ours[k]["fd"])
-    best_t = min(theirs, key=lambda k: theirs[k]["fd"])
-    out.append({"nfe": int(nfe), "ours_best": best_o, "ours_fd": ours[best_o]["fd"],
-                "diffusers_best": best_t, "diffusers_fd": theirs[best_t]["fd"],
-                "floor_fd": res["floor"]["fd"],
-                "ours_at_least_as_accurate": ours[best_o]["fd"] <= theirs[best_t]["fd"]})
-  return out
 
 
 def table(res: dict) -> str:
@@ -195,27 +182,18 @@ def table(res: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> Optional[dict]:
-  if any(a.startswith("-") for a in argv[1:]):
-    FLAGS.unparse_flags()
-    FLAGS(list(argv))
-  try:
-    import diffusers
-    import torch
-  except ImportError as e:
-    print(f"compare_reference_samplers_mnist: skipped, the reference needs torch and diffusers "
-          f"({e}); `pip install torch diffusers` (benchmark-only dependencies).")
-    return None
-  torch.set_num_threads(1)
-  s = dataclasses.replace(bench.Settings.from_flags(), num_bpd=0, plot="",
-                          out=FLAGS.out if FLAGS["out"].present else DEFAULT_OUT)
-  res = compare(s, diffusers, torch, only=FLAGS.only, repeats=FLAGS.repeats,
-                log=lambda m: print(m, flush=True))
-  if s.out:
-    write_json(s.out, res)
-  print("\nFrechet distance in classifier features (NOT FID):\n" + table(res), flush=True)
-  return res
+def main(argv: Sequence[str]) -> None:
+  common.no_arguments(argv)
+  reference = dref.import_reference("compare_reference_samplers_mnist")
+  if reference is None:
+    return
+  diffusers, torch = reference
+  s = Settings.from_flags(num_bpd=0, plot="")
+  res = compare(s, diffusers, torch, only=FLAGS.only, repeats=FLAGS.repeats, log=common.log)
+  common.write_result(s.out, res)
+  common.log("\nFrechet distance in classifier features (NOT FID):\n" + table(res))
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: main(argv) and None)
+  define_flags()
+  app.run(main)

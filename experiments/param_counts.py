@@ -1,7 +1,7 @@
 """Parameter count of the network of every config under configs/ (shapes only, nothing compiled).
 
-  python experiments/param_counts.py                       # markdown table on stdout
-  python experiments/param_counts.py --out docs/param_counts.json
+  python -m experiments.param_counts                       # markdown table on stdout
+  python -m experiments.param_counts --out docs/param_counts.json
 
 Each config's network is built from ``config.model`` and initialized under ``jax.eval_shape``
 (abstract shapes, no FLOPs, no XLA compile), so the whole table takes seconds. Columns: config
@@ -9,33 +9,36 @@ Each config's network is built from ``config.model`` and initialized under ``jax
 """
 from __future__ import annotations
 
-import argparse
-import glob
 import importlib
-import json
-import os
-import sys
+import pkgutil
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import configs
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from experiments import common
+from score_sde.models import utils as mutils
+from score_sde.utils import data_shape
 
-from score_sde.models import utils as mutils  # noqa: E402
-from score_sde.utils import data_shape  # noqa: E402
+FLAGS = flags.FLAGS
 
 
-def config_names(root: str = ROOT) -> list[str]:
-  """Module names (``vp.cifar10_ddpmpp_continuous``) of every config file with ``get_config``."""
-  out = []
-  for f in sorted(glob.glob(os.path.join(root, "configs", "**", "*.py"), recursive=True)):
-    base = os.path.basename(f)
-    if base == "__init__.py" or base.startswith("default_"):
-      continue
-    out.append(os.path.relpath(f, os.path.join(root, "configs"))[:-3].replace(os.sep, "."))
-  return out
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags on ``flag_values``. Called when the script runs, so that importing
+  the module defines no flags."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Also write the rows as JSON here.", **fv)
+  flags.DEFINE_string("filter", "", "Only configs whose name contains this.", **fv)
+
+
+def config_names() -> list[str]:
+  """Module names (``vp.cifar10_ddpmpp_continuous``) of every config under configs/ (the
+  ``default_*`` bases and package ``__init__`` files excepted), sorted."""
+  return sorted(m.name.removeprefix("configs.")
+                for m in pkgutil.walk_packages(configs.__path__, "configs.")
+                if not m.ispkg and not m.name.rsplit(".", 1)[-1].startswith("default_"))
 
 
 def count_params(config) -> int:
@@ -67,18 +70,13 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=None, help="Also write the rows as JSON here.")
-  parser.add_argument("--filter", default="", help="Only configs whose name contains this.")
-  args = parser.parse_args()
-  rows = table([n for n in config_names() if args.filter in n])
-  print(markdown(rows))
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(rows, f, indent=1)
+def main(argv) -> None:
+  common.no_arguments(argv)
+  rows = table([n for n in config_names() if FLAGS.filter in n])
+  common.log(markdown(rows))
+  common.write_result(FLAGS.out, rows, say=False)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

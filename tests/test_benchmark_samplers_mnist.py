@@ -1,47 +1,36 @@
-"""experiments/benchmark_samplers_mnist.py end to end with tiny settings on the real MNIST.
+"""experiments.benchmark_samplers_mnist end to end with tiny settings on the real MNIST.
 
 20 training steps of a narrow U-Net (nf=8), a 20-step classifier, 32 samples, NFE {5, 10} for two
 samplers, bits/dim of 4 images at a loose tolerance: checks the plumbing and the JSON, not the
 numbers (the real run's numbers are in docs/samplers.md).
 """
-import importlib.util
 import json
 import math
 import pathlib
-import sys
 
+import numpy as np
 import pytest
+
+from experiments import benchmark_samplers_mnist as script
+from experiments.mnist_setup import Settings
+from experiments_helpers import run_experiment
+from score_sde.evaluation import mnist_features
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-  if "benchmark_samplers_mnist" in sys.modules:  # absl flags can be defined only once
-    return sys.modules["benchmark_samplers_mnist"]
-  spec = importlib.util.spec_from_file_location(
-      "benchmark_samplers_mnist", REPO / "experiments" / "benchmark_samplers_mnist.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
-@pytest.fixture(scope="module")
-def script():
-  return _load_script()
-
-
-def test_tiny_run_writes_finite_results(script, mnist_dir, tmp_path):
+def test_tiny_run_writes_finite_results(mnist_dir, tmp_path):
+  """The documented command (python -m experiments.benchmark_samplers_mnist), tiny."""
   out, png = tmp_path / "res.json", tmp_path / "res.png"
-  argv = ["benchmark_samplers_mnist", f"--data_dir={mnist_dir}", f"--workdir={tmp_path / 'wd'}",
-          "--train_steps=20", "--train_devices=1", "--nf=8", "--classifier_steps=20",
-          "--num_samples=32", "--sample_batch=32", "--nfes=5,10", "--pc_nfes=", "--ode_tols=",
-          "--samplers=ddim,dpm_solver++2M", "--num_bpd=4", "--bpd_tol=1e-2",
-          f"--out={out}", f"--plot={png}"]
-  result = script.main(argv)
+  proc = run_experiment(
+      "benchmark_samplers_mnist", f"--data_dir={mnist_dir}", f"--workdir={tmp_path / 'wd'}",
+      "--train_steps=20", "--train_devices=1", "--nf=8", "--classifier_steps=20",
+      "--num_samples=32", "--sample_batch=32", "--nfes=5,10", "--pc_nfes=", "--ode_tols=",
+      "--samplers=ddim,dpm_solver++2M", "--num_bpd=4", "--bpd_tol=1e-2", f"--out={out}",
+      f"--plot={png}")
   saved = json.loads(out.read_text())
   assert png.stat().st_size > 0
-  assert saved["nfes"] == [5, 10] == result["nfes"]
+  assert saved["nfes"] == [5, 10] and "NOT FID" in proc.stdout
   for key in ("settings", "model", "classifier", "floor", "fd_uniform_noise", "bpd", "results"):
     assert key in saved, key
   assert saved["model"]["trained_steps"] == 20 and saved["model"]["nf"] == 8
@@ -59,19 +48,19 @@ def test_tiny_run_writes_finite_results(script, mnist_dir, tmp_path):
   assert "| ddim |" in script.fd_table(saved)
 
 
-def test_bad_settings_fail_before_training(script, tmp_path):
+def test_bad_settings_fail_before_training(tmp_path):
   with pytest.raises(ValueError, match="multiple of 5"):
-    script.run(script.Settings(workdir=str(tmp_path), train_steps=7, out="", plot=""))
+    script.run(Settings(workdir=str(tmp_path), train_steps=7, out="", plot=""))
   with pytest.raises(ValueError, match="Unknown sampler labels"):
-    script.run(script.Settings(workdir=str(tmp_path), samplers=("nope",), out="", plot=""))
+    script.run(Settings(workdir=str(tmp_path), samplers=("nope",), out="", plot=""))
+  assert not any(tmp_path.iterdir())
 
 
-def test_feature_fd_is_zero_for_identical_sets_and_grows_with_a_shift(script):
-  import numpy as np
+def test_feature_fd_is_zero_for_identical_sets_and_grows_with_a_shift():
   rng = np.random.default_rng(0)
   a = rng.normal(size=(500, 8))
-  assert abs(script.feature_fd(a, a)) < 1e-8
-  assert script.feature_fd(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)  # ||mu shift||^2
+  assert abs(mnist_features.feature_fd(a, a)) < 1e-8
+  assert mnist_features.feature_fd(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)  # ||mu shift||^2
 
 
 def _split_by_run(saved: dict) -> list[dict]:
@@ -95,7 +84,7 @@ def _split_by_run(saved: dict) -> list[dict]:
   return parts
 
 
-def test_merge_rebuilds_the_committed_two_run_result(script, tmp_path):
+def test_merge_rebuilds_the_committed_two_run_result(tmp_path):
   saved = json.loads((REPO / "docs" / "results" / "samplers_mnist.json").read_text())
   parts = _split_by_run(saved)
   assert len(parts) == 2 and "ode (adaptive)" not in parts[1]["results"]
@@ -114,14 +103,16 @@ def test_merge_rebuilds_the_committed_two_run_result(script, tmp_path):
     paths.append(tmp_path / f"part{i}.json")
     paths[-1].write_text(json.dumps(part))
   out = tmp_path / "merged.json"
-  res = script.main(["benchmark_samplers_mnist", f"--merge={paths[0]},{paths[1]}", f"--out={out}",
-                     "--plot="])
-  assert json.loads(out.read_text())["results"] == res["results"]
+  proc = run_experiment("benchmark_samplers_mnist", f"--merge={paths[0]},{paths[1]}",
+                        f"--out={out}", "--plot=")
+  res = json.loads(out.read_text())
+  assert res["results"] == saved["results"]
   assert script.fd_table(res) == script.fd_table(saved)
+  assert script.fd_table(saved) in proc.stdout
   assert res["bpd"] == saved["bpd"]
 
 
-def test_merge_refuses_runs_of_different_models_or_noise(script):
+def test_merge_refuses_runs_of_different_models_or_noise():
   saved = json.loads((REPO / "docs" / "results" / "samplers_mnist.json").read_text())
   a, b = _split_by_run(saved)
   b["settings"] = dict(b["settings"], seed=1)

@@ -1,14 +1,12 @@
-"""experiments/main.py end to end: train a few hundred steps on a toy set, eval, sample."""
+"""python -m experiments.main end to end: train a few hundred steps on a toy set, eval, sample."""
 import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from experiments_helpers import run_experiment
+
 SMALL = ["--config.training.n_iters=200", "--config.training.batch_size=128",
          "--config.training.n_jitted_steps=50", "--config.training.log_freq=50",
          "--config.training.snapshot_freq=100", "--config.training.snapshot_freq_for_preemption=50",
@@ -21,11 +19,7 @@ def _main(*args, check=True):
   # overhead on a 2-core machine (the eval's density figure solves one ODE per device shard).
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
       "xla_force_host_platform_device_count=8", "xla_force_host_platform_device_count=2"))
-  proc = subprocess.run([sys.executable, str(REPO / "experiments" / "main.py"), *args],
-                        capture_output=True, text=True, cwd=REPO, timeout=900, env=env)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-  return proc
+  return run_experiment("main", *args, check=check, env=env)
 
 
 def test_train_eval_sample_end_to_end(tmp_path):
