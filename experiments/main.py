@@ -1,7 +1,7 @@
 """score-sde command line: train, evaluate and sample from ml-collections configs.
 
-  python experiments/main.py --config configs/toy/vp.py --workdir runs/toy_vp
-  python experiments/main.py --config configs/mnist/vp_continuous.py --workdir runs/mnist \
+  python -m experiments.main --config configs/toy/vp.py --workdir runs/toy_vp
+  python -m experiments.main --config configs/mnist/vp_continuous.py --workdir runs/mnist \
       --config.data.data_dir=/path/to/mnist --config.training.n_iters=2000 --mode train
 
 --mode: train | eval | sample | all (train, then eval, then sample; the default) | fid_stats
@@ -11,7 +11,7 @@ or <workdir>/fid_stats/<dataset>_<split>_<size>.npz; see docs/evaluation.md).
 score_sde_pytorch checkpoint_<N>.pth, into --workdir (score_sde/checkpoint_import.py; see
 docs/networks.md), e.g.
 
-  python experiments/main.py --config configs/vp/cifar10_ddpmpp_continuous.py --workdir runs/vp \
+  python -m experiments.main --config configs/vp/cifar10_ddpmpp_continuous.py --workdir runs/vp \
       --mode sample --import_checkpoint=/ckpts/vp/cifar10_ddpmpp_continuous/checkpoint_26
 
 Any config field can be overridden with --config.<group>.<field>=value; an unknown field is an
@@ -20,11 +20,9 @@ error. Runs resume from the newest checkpoint in --workdir.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from score_sde.config_validation import define_config_flag  # noqa: E402
+from score_sde.config_validation import define_config_flag
 
 FLAGS = flags.FLAGS
 
