@@ -51,6 +51,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv: list[str] | No
                       "--mode.", **fv)
   flags.DEFINE_bool("import_ema", True, "With --import_checkpoint: sample / evaluate with the EMA "
                     "weights (params_ema / PyTorch ema); false: the raw weights.", **fv)
+  flags.DEFINE_bool("allow_config_mismatch", False, "Restore checkpoints written by a run with "
+                    "another configuration (SDE, network shapes, parametrization, data; "
+                    "docs/reliability.md): a deliberate transfer. Default: refuse, naming the "
+                    "fields.", **fv)
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs "
                       "(see score_sde/distributed.py).", **fv)
   flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.", **fv)
@@ -65,6 +69,7 @@ def main(argv):
   del argv
   import jax
   from score_sde import distributed, train
+  from score_sde.checkpointing import CheckpointMismatch
   from score_sde.config_validation import validate_config
   from score_sde.evaluation import evaluate
   from score_sde.signals import Interrupted, StopSignals
@@ -78,10 +83,12 @@ def main(argv):
   logging.info("JAX %s: %d process(es), %d device(s) (%s).", jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
   validate_config(config)  # every problem is named before anything is written
-  train.check_writable(FLAGS.workdir)
-  with open(os.path.join(FLAGS.workdir, f"config_{FLAGS.mode}.txt"), "w") as f:
-    f.write(str(config))
-  phases = []
+
+  def write_config():
+    train.check_writable(FLAGS.workdir)
+    with open(os.path.join(FLAGS.workdir, f"config_{FLAGS.mode}.txt"), "w") as f:
+      f.write(str(config))
+  phases = [("start", write_config)]
   if FLAGS.import_checkpoint:
     from score_sde.checkpoint_import import import_to_workdir
 
@@ -91,18 +98,21 @@ def main(argv):
       logging.info("Imported %s into %s at step %d.", FLAGS.import_checkpoint, FLAGS.workdir, step)
     phases.append(("import", import_phase))
   if FLAGS.mode == "train_classifier":
-    from score_sde import classifier
-    phases.append(("train_classifier", lambda: classifier.train_classifier(config, FLAGS.workdir)))
+    phases.append(("train_classifier", lambda: train.train_classifier(config, FLAGS.workdir)))
   if FLAGS.mode == "fid_stats":
     phases.append(("fid_stats", lambda: evaluate.run_fid_stats(config, FLAGS.workdir)))
+  mismatch = dict(allow_config_mismatch=FLAGS.allow_config_mismatch)
   if FLAGS.mode in ("train", "all"):
-    phases.append(("train", lambda: train.train(config, FLAGS.workdir)))
+    phases.append(("train", lambda: train.train(config, FLAGS.workdir, **mismatch)))
   if FLAGS.mode in ("eval", "all"):
-    phases.append(("eval", lambda: evaluate.run_eval(config, FLAGS.workdir)))
+    phases.append(("eval", lambda: evaluate.run_eval(config, FLAGS.workdir, **mismatch)))
   if FLAGS.mode in ("sample", "all"):
-    phases.append(("sample", lambda: evaluate.run_sample(config, FLAGS.workdir, FLAGS.checkpoint)))
+    phases.append(("sample", lambda: evaluate.run_sample(config, FLAGS.workdir, FLAGS.checkpoint,
+                                                         **mismatch)))
   # One signal policy for every mode (score_sde/signals.py): SIGTERM / SIGINT end the phase in
   # flight at a safe point, later phases do not start, the exit status is 128 + the signal.
+  # Faults the user fixes (a checkpoint of another run, no checkpoint yet, disk full, an
+  # unwritable directory) are one line, not a traceback (docs/reliability.md).
   with StopSignals() as stop:
     try:
       for name, phase in phases:
@@ -111,6 +121,9 @@ def main(argv):
     except Interrupted as e:
       logging.error("%s", e)
       sys.exit(e.exit_code)
+    except (CheckpointMismatch, OSError) as e:
+      logging.error("%s", e)
+      sys.exit(1)
 
 
 if __name__ == "__main__":

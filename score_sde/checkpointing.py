@@ -4,41 +4,208 @@ Layout under ``workdir`` (the reference's):
   checkpoints/<step>        every ``snapshot_freq`` steps, the last ``max_to_keep`` kept
   checkpoints-meta/<step>   every ``snapshot_freq_for_preemption`` steps, only the newest kept
 
-:meth:`Checkpoints.restore_latest` restores the newest complete step found in either, skipping
-(with a warning) any that fails to read, so a partial or corrupt directory never blocks a restart.
-Orbax writes each step to a temporary directory and renames it when complete, so a step directory
-that exists is whole unless something damaged it afterwards.
+What every checkpoint guarantees:
+
+* **It knows what it is.** Each step stores the run's *fingerprint* (:func:`run_fingerprint`: the
+  SDE and its parameters, the network and its parameter shapes, the output parametrization, the
+  data shape and scaler) in its orbax step metadata. Restoring compares it with the current run's
+  and refuses a mismatch with :class:`CheckpointMismatch`, naming the fields, unless the run
+  allows it (``allow_mismatch``, ``--allow_config_mismatch``: a deliberate transfer). Checkpoints
+  without a fingerprint (older versions) restore with a warning.
+* **Saves are verified.** After a save the step's metadata is read back and compared with the
+  state; a save over an existing step (say, one that was found corrupt and recomputed) writes the
+  new one aside and swaps it in with two renames. A failed write (disk full, read-only) raises one
+  :class:`OSError` naming the directory and what to do; earlier steps stay intact.
+* **Restores fall back.** :meth:`Checkpoints.restore_latest` restores the newest readable step,
+  saying which unreadable ones it skipped; a partial or corrupt directory never blocks a restart.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging as py_logging
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from score_sde.utils import data_shape
+
+__all__ = ["Checkpoints", "CheckpointMismatch", "run_fingerprint"]
+
+
+class CheckpointMismatch(ValueError):
+  """A checkpoint was written by a run whose fingerprint differs from the current one."""
+
+
+def _param_digest(params: Any) -> tuple[int, str]:
+  """(number of scalars, sha1 of the sorted (path, shape, dtype) list) of a parameter tree."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  rows = sorted(f"{jax.tree_util.keystr(p)}:{tuple(v.shape)}:{np.dtype(v.dtype).name}"
+                for p, v in leaves)
+  count = int(sum(int(np.prod(v.shape)) for _, v in leaves))
+  return count, hashlib.sha1("\n".join(rows).encode()).hexdigest()[:16]
+
+
+def run_fingerprint(config, sde, model_name: str, params: Any) -> dict[str, Any]:
+  """What fixes the meaning of a train state: a flat, JSON-friendly dict.
+
+  SDE name and constructor parameters (its step count N only for discrete-time training, where
+  the network's labels depend on it), continuous or discrete training, the network's name, number
+  of parameters and a digest of their shapes, the output parametrization, the number of classes,
+  the data shape and whether data are centered (the scaler).
+  """
+  continuous = bool(config.training.continuous)
+  count, digest = _param_digest(params)
+  out: dict[str, Any] = {"training.sde": str(config.training.sde).lower(),
+                         "training.continuous": continuous}
+  for k, v in sde.params().items():
+    if k != "N" or not continuous:
+      out[f"sde.{k}"] = float(v) if isinstance(v, (float, np.floating)) else v
+  out.update({"model.name": str(model_name),
+              "model.parametrization": (config.model.get("parametrization", None)
+                                        or sde.default_parametrization),
+              "model.num_classes": int(config.model.get("num_classes", None) or 0),
+              "params.count": count, "params.shapes": digest,
+              "data.shape": list(data_shape(config)),
+              "data.centered": bool(config.data.get("centered", False))})
+  return out
+
+
+def describe_mismatch(stored: dict, current: dict) -> list[str]:
+  """One line per field whose value differs between two fingerprints."""
+  lines = []
+  for k in sorted(set(stored) | set(current)):
+    a, b = stored.get(k, "<absent>"), current.get(k, "<absent>")
+    if a != b:
+      hint = " (the network's parameter shapes: model sizes differ)" if k == "params.shapes" else ""
+      lines.append(f"{k}: checkpoint {a!r}, this config {b!r}{hint}")
+  return lines
+
+
+def _classify(e: BaseException) -> Optional[str]:
+  """'disk full' / 'not writable' for an environment failure of a write, None otherwise."""
+  text = f"{e}"
+  errno = getattr(e, "errno", None)
+  if errno == 28 or "No space left" in text or "os_error_code='28'" in text:
+    return "the disk is full"
+  if (errno in (13, 30) or "Permission denied" in text or "Read-only file system" in text
+      or "os_error_code='13'" in text or "os_error_code='30'" in text):
+    return "the directory is not writable"
+  return None
+
+
+class _QuietOrbax(py_logging.Filter):
+  def filter(self, record):
+    return "/orbax/" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Drops orbax's own log records (its background threads log every failure with tracebacks);
+  failures reach the caller as exceptions, reported once."""
+  logger = py_logging.getLogger("absl")
+  f = _QuietOrbax()
+  logger.addFilter(f)
+  try:
+    yield
+  finally:
+    logger.removeFilter(f)
+
 
 class Checkpoints:
-  """The two checkpoint series of a run."""
+  """The two checkpoint series of a run.
 
-  def __init__(self, workdir: str, max_to_keep: int = 5):
-    workdir = os.path.abspath(workdir)
-    self.snapshots = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
-    self.preemption = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints-meta"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+  Args:
+    workdir: the run directory.
+    max_to_keep: kept snapshots (>= 1).
+    fingerprint: the run's :func:`run_fingerprint`, stored with every save and checked on every
+      restore (None: nothing stored or checked).
+    allow_mismatch: restore checkpoints whose fingerprint differs (warn instead of raising).
+  """
 
+  def __init__(self, workdir: str, max_to_keep: int = 5, fingerprint: Optional[dict] = None,
+               allow_mismatch: bool = False):
+    if max_to_keep is None or int(max_to_keep) < 1:
+      raise ValueError(f"config.training.max_to_keep must be >= 1 (the final state is a kept "
+                       f"snapshot), got {max_to_keep!r}.")
+    self.workdir = os.path.abspath(workdir)
+    self.fingerprint = fingerprint
+    self.allow_mismatch = bool(allow_mismatch)
+    self._managers = {}
+    for name, keep in (("checkpoints", int(max_to_keep)), ("checkpoints-meta", 1)):
+      directory = os.path.join(self.workdir, name)
+      for leftover in (directory + ".staging", directory + ".replaced"):
+        shutil.rmtree(leftover, ignore_errors=True)  # an interrupted replacement
+      self._managers[name] = ocp.CheckpointManager(
+          directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.snapshots = self._managers["checkpoints"]
+    self.preemption = self._managers["checkpoints-meta"]
+
+  # --- saving ------------------------------------------------------------------------------------
   def save(self, step: int, state: Any, snapshot: bool = False) -> None:
-    """Saves ``state`` at ``step`` in the preemption series, or the kept series if ``snapshot``."""
+    """Saves ``state`` at ``step`` in the preemption series, or the kept series if ``snapshot``;
+    replaces an existing step; raises OSError (one line) if the write fails or does not verify."""
     manager = self.snapshots if snapshot else self.preemption
-    if step in manager.all_steps():
-      return
-    manager.save(step, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
+    directory = str(manager.directory)
+    custom = {"fingerprint": self.fingerprint} if self.fingerprint is not None else None
+    try:
+      with _quiet_orbax():
+        if step in manager.all_steps():
+          self._replace(manager, step, state, custom)
+        else:
+          manager.save(step, args=ocp.args.StandardSave(state), custom_metadata=custom,
+                       force=True)
+          manager.wait_until_finished()
+        self._verify(manager, step, state)
+    except Exception as e:  # pylint: disable=broad-except
+      reason = _classify(e)
+      if reason is None and not isinstance(e, OSError):
+        raise
+      shutil.rmtree(os.path.join(directory, f"{step}.orbax-checkpoint-tmp"), ignore_errors=True)
+      raise OSError(getattr(e, "errno", None) or 0, (
+          f"Could not write the checkpoint of step {step} to {directory}: "
+          f"{reason or e}. Earlier checkpoints are intact; free disk space or choose a writable "
+          f"--workdir, then rerun to resume.")) from None
 
+  def _replace(self, manager, step: int, state: Any, custom: Optional[dict]) -> None:
+    """Writes ``step`` aside, verifies it, then swaps it in for the existing one."""
+    directory = str(manager.directory)
+    staging_dir = directory + ".staging"
+    staging = ocp.CheckpointManager(staging_dir, options=ocp.CheckpointManagerOptions(create=True))
+    try:
+      staging.save(step, args=ocp.args.StandardSave(state), custom_metadata=custom, force=True)
+      staging.wait_until_finished()
+      self._verify(staging, step, state)
+    finally:
+      staging.close()
+    old, trash = os.path.join(directory, str(step)), directory + ".replaced"
+    os.replace(old, trash)
+    os.replace(os.path.join(staging_dir, str(step)), old)
+    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(staging_dir, ignore_errors=True)
+    manager.reload()
+    logging.warning("Replaced the existing checkpoint of step %d in %s.", step, directory)
+
+  @staticmethod
+  def _verify(manager, step: int, state: Any) -> None:
+    """The saved step's metadata reads back and lists the state's array shapes."""
+    try:
+      tree = manager.item_metadata(step).tree
+      stored = sorted(tuple(m.shape) for m in jax.tree.leaves(tree, is_leaf=lambda m: hasattr(
+          m, "shape")))
+    except Exception as e:  # pylint: disable=broad-except
+      raise OSError(f"the saved step {step} does not read back ({type(e).__name__}: {e})") from e
+    wanted = sorted(tuple(np.shape(x)) for x in jax.tree.leaves(state))
+    if stored != wanted:
+      raise OSError(f"the saved step {step} reads back with other array shapes than were "
+                    "written")
+
+  # --- what is there ------------------------------------------------------------------------------
   def snapshot_steps(self) -> list[int]:
     """Steps of the kept snapshots (what evaluation walks)."""
     return sorted(self.snapshots.all_steps())
@@ -46,24 +213,77 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return sorted(set(self.snapshots.all_steps()) | set(self.preemption.all_steps()))
 
-  def restore(self, step: int, target: Any, snapshot_only: bool = False) -> Any:
-    """Restores ``step`` into the structure, shapes and shardings of ``target``."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  def stored_fingerprint(self, step: int, snapshot_only: bool = False) -> Optional[dict]:
+    """The fingerprint stored with ``step`` (None for checkpoints written without one)."""
+    manager = self._manager_of(step, snapshot_only)
+    custom = manager.metadata(step).custom_metadata or {}
+    return custom.get("fingerprint")
+
+  def _manager_of(self, step: int, snapshot_only: bool):
     managers = [self.snapshots] if snapshot_only else [self.preemption, self.snapshots]
     for manager in managers:
       if step in manager.all_steps():
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    raise FileNotFoundError(f"No checkpoint at step {step}; present: {self.all_steps()}.")
+        return manager
+    raise FileNotFoundError(f"No checkpoint at step {step} under {self.workdir}; present: "
+                            f"{self.all_steps()}.")
 
-  def restore_latest(self, target: Any) -> tuple[Optional[int], Any]:
-    """(step, state) of the newest readable checkpoint, or (None, target) when there is none."""
-    for step in reversed(self.all_steps()):
+  def check_fingerprint(self, step: int, snapshot_only: bool = False) -> None:
+    """Raises :class:`CheckpointMismatch` if ``step`` was written by a run with another
+    fingerprint (see the module docstring); warns instead when ``allow_mismatch``."""
+    if self.fingerprint is None:
+      return
+    stored = self.stored_fingerprint(step, snapshot_only)
+    if stored is None:
+      logging.warning("Checkpoint of step %d under %s has no fingerprint (written by an older "
+                      "version or an import): cannot check that it matches this config.", step,
+                      self.workdir)
+      return
+    diff = describe_mismatch(stored, self.fingerprint)
+    if not diff:
+      return
+    text = (f"The checkpoint of step {step} under {self.workdir} was written by a run with "
+            "another configuration:\n  " + "\n  ".join(diff))
+    if self.allow_mismatch:
+      logging.warning("%s\nRestoring it anyway (--allow_config_mismatch).", text)
+      return
+    raise CheckpointMismatch(text + "\nUse the config this run was trained with, another "
+                             "--workdir, or pass --allow_config_mismatch to restore it anyway "
+                             "(a deliberate transfer).")
+
+  # --- restoring ---------------------------------------------------------------------------------
+  def restore(self, step: int, target: Any, snapshot_only: bool = False) -> Any:
+    """Restores ``step`` into the structure, shapes and shardings of ``target`` (after checking
+    its fingerprint)."""
+    manager = self._manager_of(step, snapshot_only)
+    self.check_fingerprint(step, snapshot_only)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    with _quiet_orbax():
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def restore_latest(self, target: Any, snapshot_only: bool = False) -> tuple[Optional[int], Any]:
+    """(step, state) of the newest readable checkpoint, or (None, target) when there is none.
+
+    Unreadable steps are skipped with a warning naming the step used instead; a fingerprint
+    mismatch is not "unreadable": it raises.
+    """
+    steps = self.snapshot_steps() if snapshot_only else self.all_steps()
+    skipped = []
+    for step in reversed(steps):
       try:
-        return step, self.restore(step, target)
+        state = self.restore(step, target, snapshot_only)
+      except CheckpointMismatch:
+        raise
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Skipping unreadable checkpoint at step %d: %s", step, e)
+        logging.warning("Skipping unreadable checkpoint at step %d: %s", step,
+                        str(e).splitlines()[0][:300])
+        skipped.append(step)
+        continue
+      if skipped:
+        logging.warning("Checkpoint(s) at step(s) %s under %s are unreadable; using step %d.",
+                        skipped, self.workdir, step)
+      return step, state
     return None, target
 
   def close(self) -> None:
-    self.snapshots.close()
-    self.preemption.close()
+    for manager in self._managers.values():
+      manager.close()

@@ -7,32 +7,32 @@
     loss = mean_batch(-log softmax(classifier(x_t, sigma(t)))[y]),
     t ~ U(eps, T), x_t = alpha(t) x_0 + sigma(t) z,
 
-by the regular :class:`score_sde.train.Trainer` (``--mode train_classifier``; checkpoints in
-``<workdir>/classifier``): :func:`classifier_task` hands it the network and this loss.
+by the regular :class:`score_sde.train.Trainer` (:func:`score_sde.train.train_classifier`,
+``--mode train_classifier``; checkpoints in ``<workdir>/classifier``): :func:`classifier_task`
+hands it the network and this loss.
 """
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from score_sde import sde_lib
+from score_sde.losses import Task
 from score_sde.conditional import num_classes_of
 from score_sde.guidance import LogpGradFn, logp_grad_from_logits
 from score_sde.models.toy import ToyClassifier
 from score_sde.models.wideresnet import WideResnet
 from score_sde.sde_lib import SDE
-from score_sde.train import Task, Trainer
 from score_sde.utils import data_shape
 
 Array = jax.Array
 
 __all__ = ["CLASSIFIERS", "classifier_config", "create_classifier", "get_classifier_logits_fn",
            "get_classifier_logp_grad_fn", "get_classifier_loss_fn", "classifier_task",
-           "classifier_run_config", "train_classifier"]
+           "classifier_run_config"]
 
 CLASSIFIERS = ("toy_mlp", "wideresnet")
 
@@ -138,28 +138,11 @@ def classifier_run_config(config):
 
 
 def classifier_task(config, sde: SDE, key: Optional[Array] = None):
-  """The :class:`score_sde.train.Task` that trains the classifier of ``config`` (its parameters
+  """The :class:`score_sde.losses.Task` that trains the classifier of ``config`` (its parameters
   initialized from ``key``, by default from ``config.seed + 7``)."""
   cc = classifier_config(config)
   key = jax.random.PRNGKey(int(config.seed) + 7) if key is None else key
   model, params = create_classifier(config, key)
   return Task(model=model, variables={"params": params},
-              loss_fn=get_classifier_loss_fn(sde, model, float(cc["eps"])), with_labels=True)
-
-
-def train_classifier(config, workdir: Optional[str] = None) -> tuple[Any, Any, dict]:
-  """Trains the time-dependent classifier (``--mode train_classifier``) with the regular Trainer.
-
-  Data-parallel over all devices, ``config.training.n_jitted_steps`` updates per compiled call;
-  checkpoints go to ``workdir/classifier`` and a rerun resumes from them. Returns
-  ``(classifier, state, metrics)`` with the state on the host; use ``state.ema_params`` with
-  :func:`get_classifier_logp_grad_fn`.
-  """
-  run = classifier_run_config(config)
-  task = classifier_task(run, sde_lib.get_sde(run))
-  trainer = Trainer(run, os.path.join(workdir, "classifier") if workdir else None, task=task)
-  try:
-    metrics = trainer.train()
-  finally:
-    trainer.close()
-  return task.model, jax.device_get(trainer.state), metrics
+              loss_fn=get_classifier_loss_fn(sde, model, float(cc["eps"])), with_labels=True,
+              name=f"classifier/{cc['name']}")

@@ -24,13 +24,13 @@ shards the batch.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from score_sde import conditional, sde_lib
@@ -41,7 +41,7 @@ from score_sde.utils import data_shape
 Array = jax.Array
 LossFn = Callable[[Array, Any, Array], tuple[Array, dict]]
 
-__all__ = ["get_sde_loss_fn", "get_discrete_loss_fn", "get_loss_fn", "TrainState",
+__all__ = ["get_sde_loss_fn", "get_discrete_loss_fn", "get_loss_fn", "Task", "TrainState",
            "init_train_state", "get_lr_schedule", "get_optimizer", "get_train_step_fn",
            "get_multi_step_fn", "get_eval_step_fn"]
 
@@ -241,6 +241,24 @@ def get_optimizer(config) -> optax.GradientTransformation:
 
 
 # --- train state and steps ---------------------------------------------------------------------
+@dataclasses.dataclass
+class Task:
+  """What a :class:`score_sde.train.Trainer` trains: a network, its initial variables and its loss.
+
+  The default task (``Trainer(config)``) is the score model of ``config``; a noise-conditional
+  classifier (:func:`score_sde.classifier.classifier_task`) is another. ``loss_fn(key, params,
+  batch) -> (loss, aux)`` with ``aux['metrics']`` logged if present; ``with_labels``: batches are
+  ``{'image', 'label'}`` dicts; ``name`` names the network in the checkpoint fingerprint
+  (default ``config.model.name``).
+  """
+  model: Any
+  variables: Any
+  loss_fn: Optional[Callable] = None
+  with_labels: bool = False
+  name: Optional[str] = None   # what the checkpoints' fingerprint calls the network
+
+
+
 @flax.struct.dataclass
 class TrainState:
   """Everything training carries: a plain pytree.

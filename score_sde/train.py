@@ -8,7 +8,6 @@ restarted from a checkpoint continues exactly where it stopped.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import tempfile
@@ -22,9 +21,9 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from score_sde import conditional, datasets, likelihood, losses, sde_lib
+from score_sde import classifier, conditional, datasets, likelihood, losses, sde_lib
 from score_sde import sampling as sampling_lib
-from score_sde.checkpointing import Checkpoints
+from score_sde.checkpointing import Checkpoints, run_fingerprint
 from score_sde.config_validation import validate_config
 from score_sde.models import create_model, get_model_fn, get_score_fn
 from score_sde.signals import StopSignals
@@ -41,23 +40,11 @@ def make_mesh() -> Mesh:
   return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
-@dataclasses.dataclass
-class Task:
-  """What a :class:`Trainer` trains: a network, its initial variables and its loss.
-
-  The default task (``Trainer(config)``) is the score model of ``config``; a noise-conditional
-  classifier (:func:`score_sde.classifier.classifier_task`) is another. ``loss_fn(key, params,
-  batch) -> (loss, aux)`` with ``aux['metrics']`` logged if present; ``with_labels``: batches are
-  ``{'image', 'label'}`` dicts.
-  """
-  model: Any
-  variables: Any
-  loss_fn: Optional[Callable] = None
-  with_labels: bool = False
-
-
 class Trainer:
   """Builds everything a run needs from a config; :meth:`train` runs the loop.
+
+  With a ``workdir`` its checkpoints carry the run's fingerprint and restoring one written by
+  another configuration raises (:mod:`score_sde.checkpointing`) unless ``allow_config_mismatch``.
 
   Attributes of interest to notebooks and tests: ``sde``, ``model``, ``state`` (the replicated
   :class:`score_sde.losses.TrainState`), ``mesh``, ``score_fn(params)``. The jitted programs
@@ -65,7 +52,7 @@ class Trainer:
   """
 
   def __init__(self, config, workdir: Optional[str] = None, mesh: Optional[Mesh] = None,
-               task: Optional[Task] = None):
+               task: Optional[losses.Task] = None, allow_config_mismatch: bool = False):
     validate_config(config)
     self.config = config
     self.workdir = workdir
@@ -77,7 +64,8 @@ class Trainer:
     init_key, state_key = jax.random.split(key)
     if task is None:
       model, variables = create_model(config, init_key)
-      task = Task(model, variables, with_labels=bool(conditional.num_classes_of(config)))
+      task = losses.Task(model, variables,
+                         with_labels=bool(conditional.num_classes_of(config)))
     self.task = task
     self.model = task.model
     state = losses.init_train_state(config, task.variables, state_key)
@@ -97,7 +85,9 @@ class Trainer:
     self.checkpoints = None
     if workdir:
       check_writable(workdir)
-      self.checkpoints = Checkpoints(workdir, config.training.max_to_keep)
+      fingerprint = run_fingerprint(config, self.sde, task.name or config.model.name, state.params)
+      self.checkpoints = Checkpoints(workdir, config.training.max_to_keep, fingerprint,
+                                     allow_mismatch=allow_config_mismatch)
 
   # --- pieces usable on their own ---------------------------------------------------------------
   def score_fn(self, params: Any):
@@ -144,8 +134,12 @@ class Trainer:
       self._eval_loss = jax.jit(losses.get_eval_step_fn(self.config, self.sde, self.model))
     return self._eval_loss(self.state, batch, key)
 
-  def sample(self, key: jax.Array, num_samples: int, params: Any = None):
-    """Samples with the configured sampler and the EMA params; returns (samples in data space, nfe)."""
+  def sample(self, key: jax.Array, num_samples: int, params: Any = None,
+             signals: Optional[StopSignals] = None):
+    """Samples with the configured sampler and the EMA params; returns (samples in data space, nfe).
+
+    With ``signals``, a stop signal ends it after the batch in flight (:meth:`StopSignals.check`).
+    """
     params = self.state.ema_params if params is None else params
     batch = min(int(self.config.sampling.batch_size), num_samples)
     if batch not in self._sample_fns:
@@ -157,6 +151,9 @@ class Trainer:
     for i in range(math.ceil(num_samples / batch)):
       x, nfe = fn(params, jax.random.fold_in(key, i))
       out.append(np.asarray(self.inverse_scaler(x)))
+      if signals is not None:
+        signals.check(f"sampling stopped after {len(out) * batch} of {num_samples} samples; "
+                      "nothing was written; rerun to sample again.")
     return np.concatenate(out)[:num_samples], int(nfe)
 
   def likelihood_fn(self, hutchinson_type: str, rtol: float, atol: float) -> Callable:
@@ -217,11 +214,11 @@ class Trainer:
             writer.add_scalar("train/steps_per_sec", rate, step)
         if self.checkpoints is not None:
           if step % cfg.snapshot_freq == 0 or step == cfg.n_iters:
-            self._save(step, snapshot=True)
+            self.checkpoints.save(step, self.state, snapshot=True)
             if cfg.snapshot_sampling and jax.process_index() == 0:
               self._snapshot_samples(jax.random.fold_in(sample_key, step), step, writer)
           elif step % cfg.snapshot_freq_for_preemption == 0 or stop.requested:
-            self._save(step, snapshot=False)
+            self.checkpoints.save(step, self.state, snapshot=False)
         if stop.requested:
           if writer:
             writer.close()
@@ -232,15 +229,6 @@ class Trainer:
     if writer:
       writer.close()
     return last
-
-  def _save(self, step: int, snapshot: bool) -> None:
-    try:
-      self.checkpoints.save(step, self.state, snapshot=snapshot)
-    except OSError as e:
-      raise OSError(
-          f"Could not write the checkpoint of step {step} under {self.workdir}: {e}. Earlier "
-          "checkpoints are intact; free disk space or choose a writable --workdir, then rerun to "
-          "resume.") from e
 
   def _snapshot_samples(self, key, step: int, writer) -> None:
     samples, nfe = self.sample(key, int(self.config.sampling.num_samples))
@@ -267,6 +255,7 @@ def _flag_nonfinite(step_fn):
 
 
 def check_writable(workdir: str) -> None:
+  """Creates ``workdir`` if needed; OSError naming it if files cannot be written there."""
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir):
@@ -287,11 +276,30 @@ def _hms(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, allow_config_mismatch: bool = False) -> dict:
   """Entry point used by ``experiments/main.py --mode train``."""
   os.makedirs(workdir, exist_ok=True)
-  trainer = Trainer(config, workdir)
+  trainer = Trainer(config, workdir, allow_config_mismatch=allow_config_mismatch)
   try:
     return trainer.train()
   finally:
     trainer.close()
+
+
+def train_classifier(config, workdir: Optional[str] = None) -> tuple[Any, Any, dict]:
+  """Trains the time-dependent classifier of ``config`` (``--mode train_classifier``) with the
+  regular Trainer (:func:`score_sde.classifier.classifier_task`).
+
+  Data-parallel over all devices, ``config.training.n_jitted_steps`` updates per compiled call;
+  checkpoints go to ``workdir/classifier`` and a rerun resumes from them. Returns
+  ``(classifier, state, metrics)`` with the state on the host; use ``state.ema_params`` with
+  :func:`score_sde.classifier.get_classifier_logp_grad_fn`.
+  """
+  run = classifier.classifier_run_config(config)
+  task = classifier.classifier_task(run, sde_lib.get_sde(run))
+  trainer = Trainer(run, os.path.join(workdir, "classifier") if workdir else None, task=task)
+  try:
+    metrics = trainer.train()
+  finally:
+    trainer.close()
+  return task.model, jax.device_get(trainer.state), metrics

@@ -29,8 +29,8 @@ import optax
 from absl import logging
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from score_sde import losses
-from score_sde.checkpointing import Checkpoints
+from score_sde import losses, sde_lib
+from score_sde.checkpointing import Checkpoints, run_fingerprint
 
 __all__ = ["latest_checkpoint", "is_torch_file", "is_torch_checkpoint", "describe_model",
            "mismatch_error", "fit_params", "ImportedState", "save_imported_state"]
@@ -162,7 +162,8 @@ def save_imported_state(config, imported: ImportedState, workdir: str,
   imported.params}, PRNGKey(config.seed))`` with ``ema_params = imported.ema_params``, Adam's
   moments set to ``imported.adam`` (zeros when ``None``) and every optimizer step counter to
   ``imported.step`` (so fine-tuning keeps the bias correction and learning-rate warm-up), saved as
-  a kept snapshot at ``step`` (default: ``imported.step``). An existing checkpoint at that step is
+  a kept snapshot at ``step`` (default: ``imported.step``) with the config's fingerprint
+  (:mod:`score_sde.checkpointing`). An existing checkpoint at that step is
   kept (warning naming ``source``), not overwritten. Nothing is compiled.
   """
   step = imported.step if step is None else int(step)
@@ -174,7 +175,8 @@ def save_imported_state(config, imported: ImportedState, workdir: str,
     mu = nu = jax.tree.map(jnp.zeros_like, imported.params)
   state = state.replace(step=jnp.asarray(step, state.step.dtype), ema_params=imported.ema_params,
                         opt_state=_transplant_adam(state.opt_state, mu, nu, imported.step))
-  checkpoints = Checkpoints(workdir, int(config.training.get("max_to_keep", 5)))
+  fingerprint = run_fingerprint(config, sde_lib.get_sde(config), config.model.name, state.params)
+  checkpoints = Checkpoints(workdir, int(config.training.get("max_to_keep", 5)), fingerprint)
   try:
     if step in checkpoints.all_steps():
       logging.warning("%s already has a checkpoint at step %d; it is kept (not overwritten). Use "

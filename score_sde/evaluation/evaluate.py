@@ -17,6 +17,7 @@ distance to held-out data.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -27,18 +28,27 @@ from absl import logging
 
 from score_sde import datasets, likelihood
 from score_sde.evaluation import image_eval, metrics
+from score_sde.checkpointing import CheckpointMismatch
 from score_sde.signals import StopSignals
 from score_sde.train import Trainer, make_mesh, summary_writer
 from score_sde.utils import data_shape, read_json, write_json
 
 
-def _load(config, workdir: str, step: Optional[int] = None) -> tuple[Trainer, int]:
-  trainer = Trainer(config, workdir)
-  steps = trainer.checkpoints.all_steps()
-  if not steps:
+def _load(config, workdir: str, step: Optional[int] = None,
+          allow_config_mismatch: bool = False) -> tuple[Trainer, int]:
+  """A Trainer with the checkpoint ``step`` restored, or the newest readable one (falling back
+  from unreadable ones, with a warning) when ``step`` is None."""
+  trainer = Trainer(config, workdir, allow_config_mismatch=allow_config_mismatch)
+  if not trainer.checkpoints.all_steps():
     raise FileNotFoundError(f"No checkpoints under {workdir}; train first (--mode train).")
-  step = steps[-1] if step is None else step
-  trainer.state = trainer.checkpoints.restore(step, trainer.state)
+  if step is None:
+    step, trainer.state = trainer.checkpoints.restore_latest(trainer.state)
+    if step is None:
+      raise FileNotFoundError(f"No readable checkpoint under {workdir} (steps "
+                              f"{trainer.checkpoints.all_steps()} all failed to read; see the "
+                              "warnings); retrain with --mode train.")
+  else:
+    trainer.state = trainer.checkpoints.restore(step, trainer.state)
   return trainer, step
 
 
@@ -116,13 +126,25 @@ def run_fid_stats(config, workdir: str, inception_variables=None) -> str:
   return image_eval.compute_fid_stats(config, workdir, inception_variables)
 
 
+def _finite(values: dict) -> dict:
+  """The entries of ``values`` that are numbers but not finite (a failed computation)."""
+  return {k: v for k, v in values.items()
+          if isinstance(v, (float, int)) and not math.isfinite(float(v))}
+
+
 def run_eval(config, workdir: str, inception_variables=None,
-             stop_after_batches: Optional[int] = None) -> list[dict]:
+             stop_after_batches: Optional[int] = None,
+             allow_config_mismatch: bool = False) -> list[dict]:
   """Evaluates every checkpoint in the configured range; returns all records (old and new).
+
+  A record is written to results.json only from finished parts; a part whose value is not finite
+  is not kept: the record lists it under ``failed`` and the next eval recomputes it. An unreadable
+  checkpoint is skipped with a warning. SIGTERM / SIGINT stop at the next safe point (progress
+  saved) and raise :class:`score_sde.signals.Interrupted`.
 
   inception_variables: inject the Inception variables (tests); else config.eval.inception_*.
   stop_after_batches: test hook, stop (progress saved) after that many sample batches of this
-  call, as a preemption would; SIGTERM / SIGINT do the same.
+  call and return, as a preemption would.
   """
   mesh = make_mesh()
   fid = len(data_shape(config)) == 3 and bool(config.eval.enable_sampling)
@@ -130,21 +152,23 @@ def run_eval(config, workdir: str, inception_variables=None,
     opts = image_eval.eval_options(config)
     feature_fn = image_eval.load_feature_fn(config, inception_variables, mesh)
     reference = image_eval.load_reference(config, workdir, feature_fn)
-  trainer = Trainer(config, workdir, mesh=mesh)
+  trainer = Trainer(config, workdir, mesh=mesh, allow_config_mismatch=allow_config_mismatch)
   steps = trainer.checkpoints.snapshot_steps()
   begin, end = int(config.eval.begin_ckpt), int(config.eval.end_ckpt)
   steps = [s for s in steps if s >= begin and (end < 0 or s <= end)]
   if not steps:
+    trainer.close()
     raise FileNotFoundError(f"No checkpoints in [{begin}, {end}] under {workdir}; train first.")
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "results.json")
   records = read_json(path, [])
-  done = {r["step"] for r in records}
+  done = {r["step"] for r in records if not r.get("failed")}
   writer = summary_writer(os.path.join(workdir, "eval"))
   key = jax.random.PRNGKey(config.seed + 2)
   sample_fn = None
   batches = [0]
+  evaluated = False
 
   def stop(_):
     batches[0] += 1
@@ -152,82 +176,121 @@ def run_eval(config, workdir: str, inception_variables=None,
                                  and batches[0] >= stop_after_batches)
 
   with StopSignals() as signals:
-    for step in steps:
-      if step in done:
-        logging.info("Checkpoint %d already evaluated; skipping.", step)
-        continue
-      trainer.state = trainer.checkpoints.restore(step, trainer.state)
-      ckpt_dir = os.path.join(out_dir, f"ckpt_{step}")
-      parts_path = os.path.join(ckpt_dir, "parts.json")
-      parts = read_json(parts_path, {})
+    try:
+      for step in steps:
+        if step in done:
+          logging.info("Checkpoint %d already evaluated; skipping.", step)
+          continue
+        signals.check(f"evaluation stopped before checkpoint {step}; finished checkpoints are "
+                      f"in {path}; rerun to resume.")
+        try:
+          trainer.state = trainer.checkpoints.restore(step, trainer.state, snapshot_only=True)
+        except CheckpointMismatch:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          logging.warning("Skipping checkpoint %d: it does not read (%s).", step,
+                          str(e).splitlines()[0][:300])
+          continue
+        evaluated = True
+        ckpt_dir = os.path.join(out_dir, f"ckpt_{step}")
+        parts_path = os.path.join(ckpt_dir, "parts.json")
+        parts, failed = read_json(parts_path, {}), {}
 
-      def save_parts():
+        def keep(values: dict):
+          """Keeps finished, finite parts (saved at once: a preempted eval resumes after them)."""
+          bad = _finite(values)
+          if bad:
+            logging.error("Checkpoint %d: %s not finite; not kept, recomputed by the next eval.",
+                          step, bad)
+            failed.update({k: f"not finite ({v})" for k, v in bad.items()})
+            return
+          parts.update(values)
+          if jax.process_index() == 0:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            write_json(parts_path, parts)
+
+        ekey = jax.random.fold_in(key, step)
+        if config.eval.enable_loss and "test_loss" not in parts:
+          keep({"test_loss": test_loss(trainer, ekey, config.eval.num_bpd_samples)})
+          signals.check(f"evaluation of checkpoint {step} stopped after its test loss; "
+                        "progress saved, rerun to resume.")
+        if config.eval.enable_bpd and "bpd" not in parts:
+          keep(bits_per_dim(trainer, ekey, config.eval.num_bpd_samples, config.eval.bpd_repeats))
+          reference = exact_bpd(config, config.eval.num_bpd_samples)
+          if reference is not None:
+            keep({"exact_bpd": reference})
+          signals.check(f"evaluation of checkpoint {step} stopped after its bits/dim; progress "
+                        "saved, rerun to resume.")
+        if fid:
+          if sample_fn is None:
+            sample_fn = image_eval.per_sample_sampler(
+                config, trainer.sde, trainer.shape, trainer.score_fn, trainer.inverse_scaler,
+                trainer.mesh)
+          per_seed = []
+          for s in range(opts.num_seeds):
+            name = f"seed_{s}"
+            if name not in parts:
+              try:
+                result = image_eval.sample_metrics(
+                    sample_fn, trainer.state.ema_params, feature_fn, reference,
+                    image_eval.per_seed_key(config, s), opts,
+                    os.path.join(ckpt_dir, f"{name}.npz"), trainer.mesh, stop=stop,
+                    resolution=int(config.data.image_size))
+              except image_eval.EvalInterrupted as e:
+                signals.check(f"evaluation of checkpoint {step} stopped ({e}); rerun to resume.")
+                logging.warning("Eval of checkpoint %d interrupted (%s); rerun to resume.", step,
+                                e)
+                return records
+              keep({name: result})
+              logging.info("checkpoint %d seed %d: %s", step, s, result)
+            if name in parts:
+              per_seed.append(parts[name])
+          if len(per_seed) == opts.num_seeds:
+            parts.update(image_eval.summarize_seeds(per_seed))
+        elif config.eval.enable_sampling and "sample_nfe" not in parts:
+          samples, nfe = trainer.sample(ekey, int(config.eval.num_samples))
+          keep({"sample_nfe": nfe, **sample_quality(trainer, samples, ekey)})
+        record = {"step": step}
+        record.update({k: v for k, v in parts.items() if not k.startswith("seed_")})
+        if failed:
+          record["failed"] = failed
+        logging.info("eval %s", record)
+        records = [r for r in records if r["step"] != step] + [record]
         if jax.process_index() == 0:
-          os.makedirs(ckpt_dir, exist_ok=True)
-          write_json(parts_path, parts)
-
-      ekey = jax.random.fold_in(key, step)
-      if config.eval.enable_loss and "test_loss" not in parts:
-        parts["test_loss"] = test_loss(trainer, ekey, config.eval.num_bpd_samples)
-        save_parts()
-      if config.eval.enable_bpd and "bpd" not in parts:
-        parts.update(bits_per_dim(trainer, ekey, config.eval.num_bpd_samples,
-                                  config.eval.bpd_repeats))
-        save_parts()
-      if fid:
-        if sample_fn is None:
-          sample_fn = image_eval.per_sample_sampler(
-              config, trainer.sde, trainer.shape, trainer.score_fn, trainer.inverse_scaler,
-              trainer.mesh)
-        per_seed = []
-        for s in range(opts.num_seeds):
-          name = f"seed_{s}"
-          if name not in parts:
-            try:
-              parts[name] = image_eval.sample_metrics(
-                  sample_fn, trainer.state.ema_params, feature_fn, reference,
-                  image_eval.per_seed_key(config, s), opts,
-                  os.path.join(ckpt_dir, f"{name}.npz"), trainer.mesh, stop=stop,
-                  resolution=int(config.data.image_size))
-            except image_eval.EvalInterrupted as e:
-              logging.warning("Eval of checkpoint %d interrupted (%s); rerun to resume.", step, e)
-              trainer.checkpoints.close()
-              if writer:
-                writer.close()
-              return records
-            save_parts()
-            logging.info("checkpoint %d seed %d: %s", step, s, parts[name])
-          per_seed.append(parts[name])
-        parts.update(image_eval.summarize_seeds(per_seed))
-      elif config.eval.enable_sampling and "sample_nfe" not in parts:
-        samples, nfe = trainer.sample(ekey, int(config.eval.num_samples))
-        parts["sample_nfe"] = nfe
-        parts.update(sample_quality(trainer, samples, ekey))
-      record = {"step": step}
-      record.update({k: v for k, v in parts.items() if not k.startswith("seed_")})
-      logging.info("eval %s", record)
-      records.append(record)
-      if jax.process_index() == 0:
-        write_json(path, records)  # after each checkpoint: a preempted eval resumes here
+          write_json(path, records)  # after each checkpoint: a preempted eval resumes here
+        if writer:
+          for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+              writer.add_scalar(f"eval/{k}", v, step)
+      if evaluated:
+        _bpd_figure(trainer, records, out_dir)
+    finally:
       if writer:
-        for k, v in record.items():
-          if k != "step" and isinstance(v, (int, float)):
-            writer.add_scalar(f"eval/{k}", v, step)
-  if writer:
-    writer.close()
-  _bpd_figure(trainer, records, out_dir)
-  trainer.checkpoints.close()
+        writer.close()
+      trainer.close()
   return records
 
 
+def exact_bpd(config, num: int) -> Optional[float]:
+  """The exact bits/dim of the data density on the ``num`` test points bits/dim is measured on,
+  for data with a known density (the toy Gaussian mixture); None otherwise."""
+  if config.data.get("dim", None) in (None, 0) or config.data.dataset != "gmm":
+    return None
+  mixture = datasets.get_toy_mixture(config)
+  test = jnp.asarray(np.concatenate(list(_eval_batches(config, num))))
+  return float(-np.mean(np.asarray(mixture.log_prob(test))) / (test.shape[1] * np.log(2)))
+
+
 def _bpd_figure(trainer: Trainer, records: list[dict], out_dir: str) -> None:
-  """bits/dim over training; for 2-D data also the model's density beside the true one."""
+  """bits/dim over training; for 2-D data also the model's density (the trainer's restored
+  state) beside the true one."""
   from score_sde.plotting import save_bpd_figure
   records = sorted((r for r in records if "bpd" in r), key=lambda r: r["step"])
   if not records:
     return
   cfg = trainer.config
-  reference = density = true_density = extent = None
+  density = true_density = extent = None
+  reference = exact_bpd(cfg, cfg.eval.num_bpd_samples)
   if trainer.shape == (2,):
     lim = 1.2 * float(np.percentile(np.abs(np.concatenate(list(_eval_batches(cfg, 2000)))), 99.5))
     extent = (-lim, lim, -lim, lim)
@@ -238,11 +301,9 @@ def _bpd_figure(trainer: Trainer, records: list[dict], out_dir: str) -> None:
     bpd, _, _ = trainer.likelihood_fn("exact", tol, tol)(
         trainer.state.ema_params, jax.random.PRNGKey(0), jnp.asarray(trainer.scaler(grid)))
     density = np.exp(-np.asarray(bpd) * 2 * np.log(2)).reshape(64, 64)
-    mixture = datasets.get_toy_mixture(cfg) if cfg.data.dataset == "gmm" else None
-    if mixture is not None:
+    if reference is not None:
+      mixture = datasets.get_toy_mixture(cfg)
       true_density = np.exp(np.asarray(mixture.log_prob(jnp.asarray(grid)))).reshape(64, 64)
-      test = np.concatenate(list(_eval_batches(cfg, cfg.eval.num_bpd_samples)))
-      reference = float(-np.mean(mixture.log_prob(jnp.asarray(test))) / (2 * np.log(2)))
   path = os.path.join(out_dir, "bpd.png")
   save_bpd_figure(path, [r["step"] for r in records], [r["bpd"] for r in records],
                   reference_bpd=reference, density=density, true_density=true_density,
@@ -250,11 +311,18 @@ def _bpd_figure(trainer: Trainer, records: list[dict], out_dir: str) -> None:
   logging.info("Wrote %s.", path)
 
 
-def run_sample(config, workdir: str, step: Optional[int] = None) -> str:
-  """Samples ``config.sampling.num_samples`` from a checkpoint; writes .npz and .png; returns dir."""
-  trainer, step = _load(config, workdir, step)
-  key = jax.random.PRNGKey(config.seed + 3)
-  samples, nfe = trainer.sample(key, int(config.sampling.num_samples))
+def run_sample(config, workdir: str, step: Optional[int] = None,
+               allow_config_mismatch: bool = False) -> str:
+  """Samples ``config.sampling.num_samples`` from a checkpoint (the newest readable one unless
+  ``step``); writes .npz and .png; returns their directory. SIGTERM / SIGINT stop after the batch
+  in flight (nothing written) and raise :class:`score_sde.signals.Interrupted`."""
+  with StopSignals() as signals:
+    trainer, step = _load(config, workdir, step, allow_config_mismatch)
+    try:
+      key = jax.random.PRNGKey(config.seed + 3)
+      samples, nfe = trainer.sample(key, int(config.sampling.num_samples), signals=signals)
+    finally:
+      trainer.close()
   out_dir = os.path.join(workdir, "samples", f"{config.sampling.method}_step_{step}")
   os.makedirs(out_dir, exist_ok=True)
   np.savez(os.path.join(out_dir, "samples.npz"), samples=samples, nfe=nfe, step=step)
@@ -265,7 +333,4 @@ def run_sample(config, workdir: str, step: Optional[int] = None) -> str:
   path = save_samples(samples, os.path.join(out_dir, "samples"), reference,
                       title=f"{config.sampling.method}, step {step}, {nfe} NFE")
   logging.info("Wrote %d samples (%d NFE) to %s and %s.", len(samples), nfe, out_dir, path)
-  trainer.checkpoints.close()
   return out_dir
-
-

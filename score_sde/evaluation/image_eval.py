@@ -48,7 +48,9 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from score_sde import sampling as sampling_lib
 from score_sde.evaluation import inception, metrics, weights
+from score_sde.signals import StopSignals
 
 FEATURE_DIM = inception.POOL3_DIM
 NUM_LOGITS = inception.NUM_LOGITS
@@ -319,21 +321,25 @@ def compute_fid_stats(config, workdir: str, variables: Optional[dict] = None,
   sharding = NamedSharding(mesh, P("data"))
   seen = 0
   t0 = time.time()
-  for batch in ds:
-    images = np.floor(np.clip(np.asarray(batch["image"]) * 255.0 + 0.5, 0, 255)).astype(np.uint8)
-    mask = np.asarray(batch["mask"], bool)
-    b = images.shape[0]
-    # Global row indices of this process's rows (data order of the pass).
-    first = seen + jax.process_index() * b
-    idx = np.arange(first, first + b)
-    x = jax.make_array_from_process_local_data(sharding, images)
-    gidx = jax.make_array_from_process_local_data(sharding, idx.astype(np.int32))
-    gmask = jax.make_array_from_process_local_data(sharding, mask)
-    out = feature_fn(x)
-    pool, rows_idx, rows_mask, _ = local_rows(out["pool_3"], gidx, gmask)
-    acc.update(np.asarray(pool), None, rows_idx.astype(np.int64), rows_mask.astype(bool),
-               total=2**62)
-    seen += b * jax.process_count()
+  with StopSignals() as signals:
+    for batch in ds:
+      images = np.floor(np.clip(np.asarray(batch["image"]) * 255.0 + 0.5, 0, 255))
+      images = images.astype(np.uint8)
+      mask = np.asarray(batch["mask"], bool)
+      b = images.shape[0]
+      # Global row indices of this process's rows (data order of the pass).
+      first = seen + jax.process_index() * b
+      idx = np.arange(first, first + b)
+      x = jax.make_array_from_process_local_data(sharding, images)
+      gidx = jax.make_array_from_process_local_data(sharding, idx.astype(np.int32))
+      gmask = jax.make_array_from_process_local_data(sharding, mask)
+      out = feature_fn(x)
+      pool, rows_idx, rows_mask, _ = local_rows(out["pool_3"], gidx, gmask)
+      acc.update(np.asarray(pool), None, rows_idx.astype(np.int64), rows_mask.astype(bool),
+                 total=2**62)
+      seen += b * jax.process_count()
+      signals.check(f"reference statistics stopped after {seen} images; nothing was written "
+                    f"({path} untouched); rerun to compute them.")
   acc = acc.merged()
   count = int(acc.features.count)
   if count == 0:
@@ -356,29 +362,14 @@ def compute_fid_stats(config, workdir: str, variables: Optional[dict] = None,
 # ------------------------------------------------------------------------------------------------
 
 
-def per_sample_sampler(config, sde, shape, score_fn_of_params: Callable, inverse_scaler: Callable,
-                       mesh) -> Callable:
+def per_sample_sampler(config, sde, shape, score_fn_of_params: Callable,
+                       inverse_scaler: Callable, mesh) -> Callable:
   """``fn(params, key, index [B] int32 sharded) -> (uint8 images [B, *shape], nfe [B])``.
 
   Image ``index[j] = i`` is ``sampler(fold_in(key, i))`` of a batch-1 sampler (its prior draw and
-  all its noise come from that key), vmapped over the batch: it does not depend on B.
-  Built once per (config, shape, devices) in a process: a resumed or repeated eval in the same
-  process reuses the compiled program (the params are an argument).
+  all its noise come from that key), vmapped over the batch: it does not depend on B. The params
+  are an argument, so one compiled program serves every checkpoint (build it once per eval).
   """
-  cache_key = (tuple(config[k].to_json_best_effort(sort_keys=True)
-                     for k in ("model", "training", "sampling", "data")), tuple(shape),
-               tuple(d.id for d in mesh.devices.flat))
-  if cache_key not in _SAMPLER_CACHE:
-    _SAMPLER_CACHE[cache_key] = _per_sample_sampler(config, sde, shape, score_fn_of_params,
-                                                    inverse_scaler, mesh)
-  return _SAMPLER_CACHE[cache_key]
-
-
-_SAMPLER_CACHE: dict = {}
-
-
-def _per_sample_sampler(config, sde, shape, score_fn_of_params, inverse_scaler, mesh):
-  from score_sde import sampling as sampling_lib
   sampler = sampling_lib.get_sampler_from_config(config, sde, (1,) + tuple(shape))
 
   def one(params, key):

@@ -394,19 +394,6 @@ class ConvMeanPool(nn.Module):
     return _mean_pool2(x)
 
 
-class MeanPoolConv(nn.Module):
-  """2x2 mean pooling then conv."""
-  output_dim: int
-  kernel_size: int = 3
-  biases: bool = True
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    return Conv(self.output_dim, (self.kernel_size, self.kernel_size), padding="SAME",
-                   use_bias=self.biases, dtype=self.dtype)(_mean_pool2(x))
-
-
 class ResidualBlock(nn.Module):
   """NCSNv2 ResNet block; ``resample`` is None or 'down' (dilated convs when ``dilation > 1``)."""
   output_dim: int

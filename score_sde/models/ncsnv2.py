@@ -13,7 +13,6 @@ level to the shallowest. Registered names: 'ncsn', 'ncsnv2_64' (alias 'ncsnv2'),
 from __future__ import annotations
 
 import functools
-from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -32,18 +31,6 @@ _ARCHS = {
     "128": ([(1, 1), (2, 1), (2, 1), (4, 2), (4, 4)], [4, 2, 2, 1, 1]),
     "256": ([(1, 1), (2, 1), (2, 1), (2, 1), (4, 2), (4, 4)], [4, 2, 2, 2, 1, 1]),
 }
-
-
-def get_network_name(config) -> str:
-  """The NCSNv2 variant the reference picks for ``config.data.image_size``."""
-  size = int(config.data.image_size)
-  if size < 96:
-    return "ncsnv2_64"
-  if size <= 128:
-    return "ncsnv2_128"
-  if size <= 256:
-    return "ncsnv2_256"
-  raise ValueError(f"config.data.image_size={size}: no NCSNv2 network above 256px.")
 
 
 def check_ncsnv2_config(config, arch: str, conditional: bool) -> None:
