@@ -171,11 +171,15 @@ def _cast_all(values: Sequence[str], cast: type) -> list:
 
 
 def per_dim_counts(spec: str, dims: Sequence[int]) -> dict[int, int]:
-  """``'4000'`` (every dimension) or ``'2:8000,64:4000'`` -> {dim: count}; app.UsageError when a
-  dimension of ``dims`` has no count."""
-  if ":" not in spec:
-    return {d: int(spec) for d in dims}
-  counts = {int(k): int(v) for k, v in (item.split(":") for item in spec.split(","))}
+  """``'4000'`` (every dimension) or ``'2:8000,64:4000'`` -> {dim: count}; app.UsageError when it
+  does not parse or a dimension of ``dims`` has no count."""
+  try:
+    if ":" not in spec:
+      return {d: int(spec) for d in dims}
+    counts = {int(k): int(v) for k, v in (item.split(":") for item in spec.split(","))}
+  except ValueError as e:
+    raise app.UsageError(f"--num-samples={spec!r}: give one count or dim:count pairs ({e}).") \
+        from e
   missing = [d for d in dims if d not in counts]
   if missing:
     raise app.UsageError(f"--num-samples gives no count for dims {missing}.")

@@ -46,8 +46,8 @@ CONFIG_NAME = "configs/mnist/vp_continuous.py"
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """Everything one run depends on; the flags of :func:`define_flags` and of the scripts have the
-  same names and defaults (fields without a flag in a script keep these)."""
+  """Everything one run depends on. Each field is a flag of the same name, type and default
+  (:func:`define_flags`); a script that has no flag for a field runs with its default."""
   data_dir: Optional[str] = None
   workdir: str = "/tmp/score_sde_mnist_bench"
   train_steps: int = 2000
