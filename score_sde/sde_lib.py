@@ -295,21 +295,18 @@ class ReverseSDE:
   def _c(self) -> float:
     return 0.5 if self.probability_flow else 1.0
 
+  def _reversed(self, f: Array, g: Array, x: Array, t: Array) -> tuple[Array, Array]:
+    """(f - c g^2 score(x, t), g), with g = 0 for the probability-flow ODE."""
+    rev_f = f - batch_mul(g**2, self.score_fn(x, t)) * self._c
+    return rev_f, (jnp.zeros_like(g) if self.probability_flow else g)
+
   def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
     """Returns ``(drift [batch, ...], diffusion [batch])`` of the reverse process (time runs T->0)."""
-    drift, diffusion = self.forward.sde(x, t)
-    score = self.score_fn(x, t)
-    drift = drift - batch_mul(diffusion**2, score) * self._c
-    diffusion = jnp.zeros_like(diffusion) if self.probability_flow else diffusion
-    return drift, diffusion
+    return self._reversed(*self.forward.sde(x, t), x, t)
 
   def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
     """Reverse of :meth:`SDE.discretize`: rev_f = f - c G^2 score, rev_G = G (0 for the ODE)."""
-    f, G = self.forward.discretize(x, t)
-    score = self.score_fn(x, t)
-    rev_f = f - batch_mul(G**2, score) * self._c
-    rev_G = jnp.zeros_like(G) if self.probability_flow else G
-    return rev_f, rev_G
+    return self._reversed(*self.forward.discretize(x, t), x, t)
 
 
 def _standard_normal_logp(z: Array, scale: float = 1.0) -> Array:

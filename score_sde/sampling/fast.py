@@ -428,46 +428,30 @@ def _singlestep_step(sde: SDE, ts: np.ndarray, i: int, order: int, pred: str) ->
   a = np.ones(k)
   b = np.zeros((k, k))
   fb = np.zeros(k)
+  # Noise prediction: u = (alpha_u / alpha_s) x - sigma_u (e^{r h} - 1) eps_s [+ corrections].
+  # Data prediction (DPM-Solver++): the same formulas with alpha <-> sigma, h -> -h, x0 for eps.
   if pred == "noise":
-    # u = (alpha_u / alpha_s) x - sigma_u (e^{r h} - 1) eps_s  [+ corrections]
-    phi = lambda r: math.expm1(r * h)
-    fa = a_t / a_s
-    fb[0] = -s_t * phi(1)
-    for j, r in enumerate(rs, start=1):
-      a[j] = als[j] / a_s
-      b[j, 0] = -sis[j] * phi(r)
-    if k == 2:
-      c = s_t / (2 * rs[0]) * phi(1)
-      fb[0] += c
-      fb[1] = -c
-    elif k == 3:
-      r1, r2 = rs
-      c = sis[2] * r2 / r1 * (phi(r2) / (r2 * h) - 1)
-      b[2, 0] += c
-      b[2, 1] = -c
-      d = s_t / r2 * (phi(1) / h - 1)
-      fb[0] += d
-      fb[2] = -d
+    (lin_s, lin_t, lin_u), (out_t, out_u), hh = (a_s, a_t, als), (s_t, sis), h
   else:
-    # u = (sigma_u / sigma_s) x - alpha_u (e^{-r h} - 1) x0_s  [+ corrections]
-    phi = lambda r: math.expm1(-r * h)
-    fa = s_t / s_s
-    fb[0] = -a_t * phi(1)
-    for j, r in enumerate(rs, start=1):
-      a[j] = sis[j] / s_s
-      b[j, 0] = -als[j] * phi(r)
-    if k == 2:
-      c = a_t / (2 * rs[0]) * phi(1)
-      fb[0] += c
-      fb[1] = -c
-    elif k == 3:
-      r1, r2 = rs
-      c = als[2] * r2 / r1 * (phi(r2) / (r2 * h) + 1)
-      b[2, 0] -= c
-      b[2, 1] = c
-      d = a_t / r2 * (phi(1) / h + 1)
-      fb[0] -= d
-      fb[2] = d
+    (lin_s, lin_t, lin_u), (out_t, out_u), hh = (s_s, s_t, sis), (a_t, als), -h
+  phi = lambda r: math.expm1(r * hh)
+  fa = lin_t / lin_s
+  fb[0] = -out_t * phi(1)
+  for j, r in enumerate(rs, start=1):
+    a[j] = lin_u[j] / lin_s
+    b[j, 0] = -out_u[j] * phi(r)
+  if k == 2:
+    c = out_t / (2 * rs[0]) * phi(1)
+    fb[0] += c
+    fb[1] = -c
+  elif k == 3:
+    r1, r2 = rs
+    c = out_u[2] * r2 / r1 * (phi(r2) / (r2 * hh) - 1)
+    b[2, 0] += c
+    b[2, 1] = -c
+    d = out_t / r2 * (phi(1) / hh - 1)
+    fb[0] += d
+    fb[2] = -d
   return _rk_step(taus, als, sis, a, b, fa, fb)
 
 
