@@ -25,7 +25,7 @@ import numpy as np
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
-__all__ = ["SDE", "VPSDE", "subVPSDE", "VESDE", "batch_mul", "get_sde", "SDES", "PARAMETRIZATIONS",
+__all__ = ["SDE", "LinearBetaSDE", "VPSDE", "subVPSDE", "VESDE", "batch_mul", "get_sde", "SDES", "PARAMETRIZATIONS",
            "check_parametrization", "output_to_score", "parametrization_target"]
 
 
@@ -314,7 +314,38 @@ def _standard_normal_logp(z: Array, scale: float = 1.0) -> Array:
   return -0.5 * d * np.log(2 * np.pi * scale**2) - _sum_except_batch(z**2) / (2 * scale**2)
 
 
-class VPSDE(SDE, name="vpsde"):
+class LinearBetaSDE(SDE):
+  """Base of the VP and sub-VP SDEs: drift -1/2 beta(t) x with beta(t) = beta_min + t (beta_max -
+  beta_min), so alpha(t) = exp(-t^2 (beta_max - beta_min) / 4 - t beta_min / 2); prior N(0, I).
+  Subclasses define the diffusion and sigma(t)."""
+
+  def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+    super().__init__(N)
+    if not 0 <= beta_min < beta_max:
+      raise ValueError(f"{type(self).__name__} needs 0 <= beta_min < beta_max, got {beta_min}, "
+                       f"{beta_max}.")
+    self.beta_0 = float(beta_min)
+    self.beta_1 = float(beta_max)
+
+  def beta(self, t: Array) -> Array:
+    return self.beta_0 + t * (self.beta_1 - self.beta_0)
+
+  def _log_mean_coeff(self, t: Array) -> Array:
+    return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape)
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z)
+
+  def _t_from_log_alpha(self, log_alpha: Array) -> Array:
+    # Solves 1/4 (b1 - b0) t^2 + 1/2 b0 t + log_alpha = 0 for t >= 0.
+    b0, db = self.beta_0, self.beta_1 - self.beta_0
+    return 2.0 * (-log_alpha) / (0.5 * b0 + jnp.sqrt(0.25 * b0**2 - db * log_alpha))
+
+
+class VPSDE(LinearBetaSDE, name="vpsde"):
   """Variance-preserving SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw.
 
   beta(t) = beta_min + t (beta_max - beta_min). Its N-step discretization is the DDPM chain with
@@ -325,11 +356,7 @@ class VPSDE(SDE, name="vpsde"):
   discrete_chain = "ddpm"
 
   def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
-    super().__init__(N)
-    if not 0 <= beta_min < beta_max:
-      raise ValueError(f"VPSDE needs 0 <= beta_min < beta_max, got {beta_min}, {beta_max}.")
-    self.beta_0 = float(beta_min)
-    self.beta_1 = float(beta_max)
+    super().__init__(beta_min, beta_max, N)
     self.discrete_betas = np.linspace(beta_min / N, beta_max / N, N)
     self.alphas = 1.0 - self.discrete_betas
     self.alphas_cumprod = np.cumprod(self.alphas)
@@ -355,12 +382,6 @@ class VPSDE(SDE, name="vpsde"):
           f"config.model.num_scales to at least {self.beta_1:g} or use continuous training / "
           f"samplers.")
 
-  def beta(self, t: Array) -> Array:
-    return self.beta_0 + t * (self.beta_1 - self.beta_0)
-
-  def _log_mean_coeff(self, t: Array) -> Array:
-    return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
-
   def sde(self, x, t):
     beta_t = self.beta(t)
     return -0.5 * batch_mul(beta_t, x), jnp.sqrt(beta_t)
@@ -368,17 +389,6 @@ class VPSDE(SDE, name="vpsde"):
   def marginal_coef(self, t):
     log_alpha = self._log_mean_coeff(t)
     return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
-
-  def prior_sampling(self, key, shape):
-    return jax.random.normal(key, shape)
-
-  def prior_logp(self, z):
-    return _standard_normal_logp(z)
-
-  def _t_from_log_alpha(self, log_alpha: Array) -> Array:
-    # Solves 1/4 (b1 - b0) t^2 + 1/2 b0 t + log_alpha = 0 for t >= 0.
-    b0, db = self.beta_0, self.beta_1 - self.beta_0
-    return 2.0 * (-log_alpha) / (0.5 * b0 + jnp.sqrt(0.25 * b0**2 - db * log_alpha))
 
   def t_from_log_snr(self, log_snr):
     # alpha^2 = sigmoid(lambda)  =>  log alpha = -1/2 softplus(-lambda).
@@ -405,22 +415,11 @@ class VPSDE(SDE, name="vpsde"):
             jnp.asarray(self.sqrt_1m_alphas_cumprod, dtype)[i])
 
 
-class subVPSDE(SDE, name="subvpsde"):
+class subVPSDE(LinearBetaSDE, name="subvpsde"):
   """sub-VP SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw.
 
   Same drift and mean as VP; its std is 1 - alpha(t)^2, always below the VP std.
   """
-
-  def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
-    super().__init__(N)
-    if not 0 <= beta_min < beta_max:
-      raise ValueError(f"subVPSDE needs 0 <= beta_min < beta_max, got {beta_min}, {beta_max}.")
-    self.beta_0 = float(beta_min)
-    self.beta_1 = float(beta_max)
-
-  beta = VPSDE.beta
-  _log_mean_coeff = VPSDE._log_mean_coeff
-  _t_from_log_alpha = VPSDE._t_from_log_alpha
 
   def sde(self, x, t):
     beta_t = self.beta(t)
@@ -430,12 +429,6 @@ class subVPSDE(SDE, name="subvpsde"):
   def marginal_coef(self, t):
     log_alpha = self._log_mean_coeff(t)
     return jnp.exp(log_alpha), -jnp.expm1(2.0 * log_alpha)
-
-  def prior_sampling(self, key, shape):
-    return jax.random.normal(key, shape)
-
-  def prior_logp(self, z):
-    return _standard_normal_logp(z)
 
   def t_from_log_snr(self, log_snr):
     # alpha / (1 - alpha^2) = r = exp(lambda / 2)  =>  alpha = 2 r / (1 + sqrt(1 + 4 r^2)).

@@ -21,15 +21,18 @@ def register_sampler(name: str):
   """Registers ``builder(sde, shape, **options)`` under ``name``.
 
   Returns the builder wrapped so that an option it does not take raises a ValueError naming its
-  options (the same message whether it is called directly or through :func:`get_sampler`).
+  options (the same message whether it is called directly or through :func:`get_sampler`). A
+  ``functools.partial`` of a more general builder registers it with those keywords fixed (they are
+  not options of this name).
   """
   def _register(builder):
     known = _SAMPLERS.get(name)
     if known is not None and getattr(known, "__wrapped__", known) is not builder:
       raise ValueError(f"A sampler named {name!r} is already registered.")
     params = inspect.signature(builder).parameters
+    fixed = set(getattr(builder, "keywords", {}) or {}) | {"sde", "shape"}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    valid = [p for p, v in params.items() if p not in ("sde", "shape")
+    valid = [p for p, v in params.items() if p not in fixed
              and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
 
     @functools.wraps(builder)
@@ -39,6 +42,8 @@ def register_sampler(name: str):
         raise ValueError(f"Sampler {name!r} has no option(s) {unknown}; its options are {valid}.")
       return builder(sde, shape, *args, **options)
 
+    if isinstance(builder, functools.partial):  # the general builder's docstring
+      checked.__doc__ = builder.func.__doc__
     _SAMPLERS[name] = checked
     return checked
   return _register

@@ -35,6 +35,7 @@ options:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -52,7 +53,7 @@ from score_sde.sde_lib import SDE
 
 Array = jax.Array
 
-__all__ = ["ddim_sampler", "euler_sampler", "heun_sampler", "dpm_solver_sampler",
+__all__ = ["ddim_sampler", "edm_sampler", "euler_sampler", "heun_sampler", "dpm_solver_sampler",
            "dpm_solver_pp_sampler", "unipc_sampler"]
 
 
@@ -342,64 +343,48 @@ def _edm_steps(sde: SDE, ts: np.ndarray, heun_steps: int, S_churn: float, S_tmin
   return out
 
 
-def _churn_check(name, S_churn, S_tmin, S_tmax, S_noise):
-  if S_churn < 0 or S_noise < 0 or S_tmin < 0 or S_tmax < S_tmin:
-    raise ValueError(f"{name}: need S_churn >= 0, S_noise >= 0 and 0 <= S_tmin <= S_tmax; got "
-                     f"{S_churn}, {S_noise}, {S_tmin}, {S_tmax}.")
-
-
-@register_sampler("euler")
-def euler_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
-                  steps: Optional[int] = None, schedule: str = "edm", rho: Optional[float] = None,
-                  eps: Optional[float] = None, t_start: Optional[float] = None,
-                  denoise: bool = False, S_churn: float = 0.0,
-                  S_tmin: float = 0.0, S_tmax: float = float("inf"), S_noise: float = 1.0):
-  """Euler on the probability-flow ODE in EDM form (Karras et al., NeurIPS 2022, Alg. 2).
+def edm_sampler(sde: SDE, shape: Sequence[int], *, second_order: bool,
+                nfe: Optional[int] = None, steps: Optional[int] = None, schedule: str = "edm",
+                rho: Optional[float] = None, eps: Optional[float] = None,
+                t_start: Optional[float] = None, denoise: bool = False, S_churn: float = 0.0,
+                S_tmin: float = 0.0, S_tmax: float = float("inf"), S_noise: float = 1.0):
+  """EDM's Algorithm 2 (Karras et al., NeurIPS 2022) on the probability-flow ODE: registered as
+  'euler' (``second_order=False``) and 'heun' (``second_order=True``).
 
   With y = x / alpha and sigma = sigma_edm = sigma(t) / alpha(t), dy / d sigma = (y - x0) / sigma:
 
       (churn)  gamma_i = min(S_churn / M, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax else 0,
                sigma_hat = (1 + gamma_i) sigma_i,  y_hat = y_i + sqrt(sigma_hat^2 - sigma_i^2) S_noise z,
-      y_{i+1} = y_hat + (sigma_{i+1} - sigma_hat) (y_hat - x0(y_hat, sigma_hat)) / sigma_hat.
+      d_i = (y_hat - x0(y_hat, sigma_hat)) / sigma_hat,
+      Euler:   y_{i+1} = y_hat + (sigma_{i+1} - sigma_hat) d_i,
+      Heun:    y' = y_hat + (sigma_{i+1} - sigma_hat) d_i,
+               y_{i+1} = y_hat + (sigma_{i+1} - sigma_hat) (d_i + (y' - x0(y', sigma_{i+1})) / sigma_{i+1}) / 2.
 
-  With S_churn = 0 this is DDIM (eta = 0) = DPM-Solver-1 on the EDM schedule. One evaluation per
-  step; the times of sigma_hat come from ``sde.t_from_log_snr``.
-  """
-  shape, rho, eps, t_start = _check_common(sde, shape, schedule, rho, eps, t_start)
-  _churn_check("euler", S_churn, S_tmin, S_tmax, S_noise)
-  budget, steps = _budget("euler", nfe, steps, denoise)
-  ts = get_time_steps(sde, steps or budget, schedule, eps, rho, t_start)
-  out = _edm_steps(sde, ts, 0, S_churn, S_tmin, S_tmax, S_noise)
-  return _make_sampler(sde, shape, _rk_runs(out), "data", denoise, eps, t_start)
-
-
-@register_sampler("heun")
-def heun_sampler(sde: SDE, shape: Sequence[int], *, nfe: Optional[int] = None,
-                 steps: Optional[int] = None, schedule: str = "edm", rho: Optional[float] = None,
-                 eps: Optional[float] = None, t_start: Optional[float] = None,
-                 denoise: bool = False, S_churn: float = 0.0,
-                 S_tmin: float = 0.0, S_tmax: float = float("inf"), S_noise: float = 1.0):
-  """Heun's 2nd-order method on the probability-flow ODE, EDM's Algorithm 2 (Karras et al. 2022).
-
-  Churn as in :func:`euler_sampler`, then with d_i = (y_hat - x0(y_hat, sigma_hat)) / sigma_hat:
-
-      y' = y_hat + (sigma_{i+1} - sigma_hat) d_i,
-      y_{i+1} = y_hat + (sigma_{i+1} - sigma_hat) (d_i + (y' - x0(y', sigma_{i+1})) / sigma_{i+1}) / 2.
-
-  Two evaluations per step. Given ``nfe``, an odd budget makes the last step an Euler step (as
+  Euler makes one evaluation per step; with S_churn = 0 it is DDIM (eta = 0) = DPM-Solver-1 on the
+  EDM schedule. Heun makes two: given ``nfe``, an odd budget makes the last step an Euler step (as
   EDM's final step); with ``denoise`` the extra evaluation is EDM's Euler step to sigma = 0, so
-  nfe=35, denoise=True is EDM's 18-step setting. Given ``steps``, all steps are Heun steps.
+  heun with nfe=35, denoise=True is EDM's 18-step setting; given ``steps``, all steps are Heun
+  steps. The times of sigma_hat come from ``sde.t_from_log_snr``.
   """
+  name = "heun" if second_order else "euler"
   shape, rho, eps, t_start = _check_common(sde, shape, schedule, rho, eps, t_start)
-  _churn_check("heun", S_churn, S_tmin, S_tmax, S_noise)
-  budget, steps = _budget("heun", nfe, steps, denoise, per_step=2)
-  if steps is None:
-    steps, heun = (budget + 1) // 2, budget // 2
-  else:
-    heun = steps
-  ts = get_time_steps(sde, steps, schedule, eps, rho, t_start)
-  out = _edm_steps(sde, ts, heun, S_churn, S_tmin, S_tmax, S_noise)
+  if S_churn < 0 or S_noise < 0 or S_tmin < 0 or S_tmax < S_tmin:
+    raise ValueError(f"{name}: need S_churn >= 0, S_noise >= 0 and 0 <= S_tmin <= S_tmax; got "
+                     f"{S_churn}, {S_noise}, {S_tmin}, {S_tmax}.")
+  budget, steps = _budget(name, nfe, steps, denoise, per_step=2 if second_order else 1)
+  heun_steps = 0
+  if second_order:
+    if steps is None:
+      steps, heun_steps = (budget + 1) // 2, budget // 2
+    else:
+      heun_steps = steps
+  ts = get_time_steps(sde, steps or budget, schedule, eps, rho, t_start)
+  out = _edm_steps(sde, ts, heun_steps, S_churn, S_tmin, S_tmax, S_noise)
   return _make_sampler(sde, shape, _rk_runs(out), "data", denoise, eps, t_start)
+
+
+euler_sampler = register_sampler("euler")(functools.partial(edm_sampler, second_order=False))
+heun_sampler = register_sampler("heun")(functools.partial(edm_sampler, second_order=True))
 
 
 # ------------------------------------------------------------------------------------------------
