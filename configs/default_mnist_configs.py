@@ -53,4 +53,5 @@ def get_default_configs():
   optim = config.optim
   optim.lr = 2e-4
   optim.warmup = 1000
+  optim.lr_decay = "constant"        # the reference's schedule (the toy defaults decay)
   return config

@@ -14,12 +14,12 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 512          # global batch, split over all devices of all hosts
-  training.n_iters = 3000
+  training.n_iters = 8000
   training.n_jitted_steps = 50       # optimizer steps per compiled call (lax.scan)
   training.log_freq = 100
   training.eval_freq = 500
-  training.snapshot_freq = 1000      # kept checkpoints
-  training.snapshot_freq_for_preemption = 500  # rolling checkpoint, overwritten
+  training.snapshot_freq = 4000      # kept checkpoints (each one is evaluated by --mode eval)
+  training.snapshot_freq_for_preemption = 1000  # rolling checkpoint, overwritten
   training.snapshot_sampling = True
   training.max_to_keep = 5
   training.likelihood_weighting = False
@@ -36,7 +36,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.noise_removal = True
   sampling.probability_flow = False
   sampling.snr = 0.16
-  sampling.num_samples = 2000        # for --mode sample and snapshot sampling
+  sampling.num_samples = 1000        # for --mode sample and snapshot sampling
   sampling.batch_size = 1000
   sampling.rtol = 1e-5               # ODE sampler tolerances
   sampling.atol = 1e-5
@@ -53,7 +53,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.num_bpd_samples = 2000
   evaluate.bpd_repeats = 1
   evaluate.enable_sampling = True
-  evaluate.num_samples = 2000
+  evaluate.num_samples = 2000        # energy distance to held-out data (and its floor)
   evaluate.hutchinson_type = "exact"  # exact trace is cheap in 2-D
   evaluate.rtol = 1e-5
   evaluate.atol = 1e-5
@@ -75,7 +75,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.nf = 128
   model.num_layers = 4
   model.embedding_type = "fourier"
-  model.fourier_scale = 16.0
+  model.fourier_scale = 1.0          # of log(label): a smooth time embedding
   model.scale_by_sigma = True
   model.ema_rate = 0.999
   model.dropout = 0.0
@@ -93,5 +93,6 @@ def get_default_configs() -> ml_collections.ConfigDict:
   optim.eps = 1e-8
   optim.weight_decay = 0.0
   optim.warmup = 200
+  optim.lr_decay = "cosine"          # to 0 at n_iters
   optim.grad_clip = 1.0
   return config

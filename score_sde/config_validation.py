@@ -396,6 +396,8 @@ FIELDS: dict[str, Check] = {
     "optim.eps": _pos(required=True),
     "optim.weight_decay": _float(min=0, required=True),
     "optim.warmup": _int(min=0, required=True, hint="linear warm-up steps; 0: none"),
+    "optim.lr_decay": _choice(("constant", "cosine"), optional=True,
+                              hint="after the warm-up; cosine: to 0 at training.n_iters"),
     "optim.grad_clip": _float(required=True, rule=(lambda v: v != 0, "non-zero"),
                               hint="the global-norm threshold; negative disables clipping"),
     "optim.amsgrad": _bool(rule=(lambda v: not v, ""),

@@ -195,10 +195,23 @@ def _check_batch(batch: Array, expected: tuple[int, ...], leading: int = 1) -> N
 
 
 # --- optimizer ---------------------------------------------------------------------------------
+LR_DECAYS = ("constant", "cosine")
+
+
 def get_lr_schedule(config) -> optax.Schedule:
-  """lr(step) = lr min(step / warmup, 1) (linear warm-up from 0, as in the reference); lr if
-  warmup <= 0. ``step`` counts updates already applied, so the first update uses lr(0)."""
+  """The learning rate of update ``step`` (the number of updates already applied).
+
+  Linear warm-up from 0 over ``config.optim.warmup`` steps (as in the reference; none if 0), then
+  ``config.optim.lr_decay``: 'constant' (the reference's, the default) keeps lr; 'cosine' decays
+  it to 0 at ``config.training.n_iters``: lr (1 + cos(pi (step - warmup) / (n_iters - warmup))) / 2.
+  """
   lr, warmup = float(config.optim.lr), int(config.optim.warmup)
+  decay = str(config.optim.get("lr_decay", None) or "constant")
+  if decay not in LR_DECAYS:
+    raise ValueError(f"Unknown config.optim.lr_decay {decay!r}; choose one of {LR_DECAYS}.")
+  if decay == "cosine":  # (a run shorter than its warm-up only warms up)
+    decay_steps = max(int(config.training.n_iters) - warmup, 1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, warmup + decay_steps, 0.0)
   if warmup > 0:
     return optax.linear_schedule(0.0, lr, transition_steps=warmup)
   return optax.constant_schedule(lr)

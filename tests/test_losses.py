@@ -216,6 +216,18 @@ def test_warmup_schedule_and_lr_metric():
   assert float(losses.get_lr_schedule(_config(lr=3e-3, warmup=0))(0)) == pytest.approx(3e-3)
 
 
+def test_cosine_decay_schedule():
+  config = _config(lr=2e-3, warmup=10, lr_decay="cosine")
+  config.training.n_iters = 110
+  sched = losses.get_lr_schedule(config)
+  for step in [0, 5, 10, 35, 60, 85, 110, 200]:  # warm-up, then lr (1 + cos(pi u)) / 2 to 0
+    u = min(max(step - 10, 0) / 100, 1.0)
+    want = 2e-3 * step / 10 if step < 10 else 2e-3 * (1 + np.cos(np.pi * u)) / 2
+    np.testing.assert_allclose(sched(step), want, rtol=1e-5, atol=1e-9)
+  config.optim.warmup = 200  # a run shorter than its warm-up only warms up
+  np.testing.assert_allclose(losses.get_lr_schedule(config)(100), 1e-3, rtol=1e-6)
+
+
 @pytest.mark.parametrize("clip,wd", [(1.0, 0.0), (-1.0, 0.0), (1.0, 0.1)])
 def test_first_adam_update_by_hand(clip, wd):
   """Adam's first step is -lr g_c / (|g_c| + eps) (bias-corrected); g_c = g min(1, clip / |g|)_2;
