@@ -21,6 +21,7 @@ import numpy as np
 from score_sde.models.utils import get_model_fn, get_score_fn
 from score_sde.sampling.base import PerExampleScore
 from score_sde.sde_lib import SDE
+from score_sde.utils import parametrization_of
 
 Array = jax.Array
 CondScoreFn = Callable[[Array, Array, Array], Array]
@@ -126,7 +127,7 @@ def get_conditional_score_fn(sde: SDE, model, variables: Any, config) -> CondSco
                      "classifier-free guidance) or use classifier guidance.")
   model_fn = get_conditional_model_fn(model, variables, train=False)
   continuous = bool(config.training.continuous)
-  parametrization = config.model.get("parametrization", None) or None
+  parametrization = parametrization_of(config)
 
   def score_fn(x, t, labels):
     return get_score_fn(sde, lambda xx, nl: model_fn(xx, nl, labels), continuous,

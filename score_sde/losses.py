@@ -36,7 +36,7 @@ import optax
 from score_sde import conditional, sde_lib
 from score_sde.models.utils import get_model_fn, get_score_fn
 from score_sde.sde_lib import batch_mul
-from score_sde.utils import data_shape
+from score_sde.utils import data_shape, parametrization_of
 
 Array = jax.Array
 LossFn = Callable[[Array, Any, Array], tuple[Array, dict]]
@@ -127,7 +127,7 @@ def get_loss_fn(config, sde: sde_lib.SDE, model: nn.Module, train: bool) -> Loss
   A class-conditional model (``config.model.num_classes``) takes ``batch = {'image', 'label'}``.
   """
   tc = config.training
-  parametrization = config.model.get("parametrization", None) or None
+  parametrization = parametrization_of(config)
   if tc.continuous:
     make_inner = lambda m: get_sde_loss_fn(sde, m, train, reduce_mean=tc.reduce_mean,
                                            continuous=True,

@@ -27,7 +27,7 @@ from score_sde.checkpointing import Checkpoints, run_fingerprint
 from score_sde.config_validation import validate_config
 from score_sde.models import create_model, get_model_fn, get_score_fn
 from score_sde.signals import StopSignals
-from score_sde.utils import data_shape
+from score_sde.utils import data_shape, parametrization_of
 
 
 def make_mesh() -> Mesh:
@@ -94,7 +94,7 @@ class Trainer:
     """``score_fn(x, t)`` of the network with ``params`` (e.g. ``state.ema_params``)."""
     return get_score_fn(self.sde, get_model_fn(self.model, params, train=False),
                         continuous=self.config.training.continuous,
-                        parametrization=self.config.model.get("parametrization", None) or None)
+                        parametrization=parametrization_of(self.config))
 
   def restore(self) -> int:
     """Restores the newest checkpoint in the workdir, if any; returns the step reached."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 
 def data_shape(config) -> tuple[int, ...]:
@@ -16,6 +16,11 @@ def data_shape(config) -> tuple[int, ...]:
   if data.get("dim", None):
     return (int(data.dim),)
   return (int(data.image_size), int(data.image_size), int(data.num_channels))
+
+
+def parametrization_of(config) -> Optional[str]:
+  """``config.model.parametrization`` (absent, None or '': None, meaning the SDE's default)."""
+  return config.model.get("parametrization", None) or None
 
 
 def read_json(path: str, default: Any = None) -> Any:
