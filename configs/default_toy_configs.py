@@ -18,7 +18,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.n_jitted_steps = 50       # optimizer steps per compiled call (lax.scan)
   training.log_freq = 100
   training.eval_freq = 500
-  training.snapshot_freq = 4000      # kept checkpoints (each one is evaluated by --mode eval)
+  training.snapshot_freq = 8000      # kept checkpoints (each one is evaluated by --mode eval)
   training.snapshot_freq_for_preemption = 1000  # rolling checkpoint, overwritten
   training.snapshot_sampling = True
   training.max_to_keep = 5
