@@ -1,6 +1,6 @@
 """The README's first command, exactly as written, converges on the embedded default: energy
 distance within 2x its noise floor and test bits/dim within 0.05 of the exact data entropy
-(issue 14). About 3 minutes on 2 CPU cores (docs: README benchmarks table)."""
+(issue 14). About 4 minutes on 2 CPU cores (docs: README benchmarks table)."""
 import json
 import os
 import shlex
