@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from score_sde.parametrizations import get_parametrization
 from score_sde.utils import data_shape, parametrization_of
 
 __all__ = ["Checkpoints", "CheckpointMismatch", "run_fingerprint"]
@@ -67,7 +68,8 @@ def run_fingerprint(config, sde, model_name: str, params: Any) -> dict[str, Any]
     if k != "N" or not continuous:
       out[f"sde.{k}"] = float(v) if isinstance(v, (float, np.floating)) else v
   out.update({"model.name": str(model_name),
-              "model.parametrization": parametrization_of(config) or sde.default_parametrization,
+              "model.parametrization": (parametrization_of(config) or get_parametrization(
+                  sde.default_parametrization)).describe(),
               "model.num_classes": int(config.model.get("num_classes", None) or 0),
               "params.count": count, "params.shapes": digest,
               "data.shape": list(data_shape(config)),

@@ -22,6 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde.parametrizations import (PARAMETRIZATIONS, Parametrization, check_parametrization,
+                                        get_parametrization, output_to_score,
+                                        parametrization_target)
+
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
@@ -37,69 +41,6 @@ def batch_mul(a: Array, x: Array) -> Array:
 
 def _sum_except_batch(x: Array) -> Array:
   return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
-
-
-# --- output parametrizations ------------------------------------------------------------------
-# With x_t = alpha x_0 + sigma n, every network target is an exact function of (x_t, t) and of the
-# score s = -n / sigma = (alpha x_0 - x_t) / sigma^2:
-#   'score': s                 'eps': n = -sigma s
-#   'x0':    x_0 = (x_t + sigma^2 s) / alpha
-#   'v':     v = alpha n - sigma x_0, so n = (sigma x_t + alpha v) / (alpha^2 + sigma^2).
-def _score_from_eps(out, x, alpha, sigma):
-  return -batch_mul(1.0 / sigma, out)
-
-
-def _score_from_x0(out, x, alpha, sigma):
-  return batch_mul(1.0 / sigma**2, batch_mul(alpha, out) - x)
-
-
-def _score_from_v(out, x, alpha, sigma):
-  eps = batch_mul(1.0 / (alpha**2 + sigma**2), batch_mul(sigma, x) + batch_mul(alpha, out))
-  return _score_from_eps(eps, x, alpha, sigma)
-
-
-PARAMETRIZATIONS: dict[str, Callable[[Array, Array, Array, Array], Array]] = {
-    "score": lambda out, x, alpha, sigma: out,
-    "eps": _score_from_eps,
-    "x0": _score_from_x0,
-    "v": _score_from_v,
-}
-
-
-def check_parametrization(parametrization: str) -> str:
-  """``parametrization`` if it is a key of :data:`PARAMETRIZATIONS`; ValueError naming them else."""
-  if parametrization not in PARAMETRIZATIONS:
-    raise ValueError(f"Unknown output parametrization {parametrization!r} (config.model."
-                     f"parametrization); choose one of {sorted(PARAMETRIZATIONS)}.")
-  return parametrization
-
-
-def output_to_score(parametrization: str, output: Array, x: Array, alpha: Array,
-                    sigma: Array) -> Array:
-  """The score of x_t = alpha x_0 + sigma n from a network output of the given parametrization.
-
-  ``output`` and ``x`` are ``[batch, ...]``, ``alpha`` and ``sigma`` ``[batch]``.
-  """
-  return PARAMETRIZATIONS[check_parametrization(parametrization)](output, x, alpha, sigma)
-
-
-def parametrization_target(parametrization: str, x0: Array, noise: Array, alpha: Array,
-                           sigma: Array) -> tuple[Array, Array]:
-  """``(target [batch, ...], weight [batch])`` of the denoising loss in a parametrization.
-
-  For x_t = alpha x_0 + sigma n the network regresses ``target`` (score -n / sigma, eps n, x0,
-  or v = alpha n - sigma x_0); ``weight`` turns its squared error into the squared error of the
-  implied eps-prediction, ||eps_hat - n||^2 = weight ||out - target||^2 (per example):
-  sigma^2 (score), 1 (eps), alpha^2 / sigma^2 (x0), alpha^2 / (alpha^2 + sigma^2)^2 (v).
-  """
-  check_parametrization(parametrization)
-  if parametrization == "score":
-    return -batch_mul(1.0 / sigma**2, batch_mul(sigma, noise)), sigma**2
-  if parametrization == "eps":
-    return noise, jnp.ones_like(sigma)
-  if parametrization == "x0":
-    return x0, (alpha / sigma) ** 2
-  return batch_mul(alpha, noise) - batch_mul(sigma, x0), (alpha / (alpha**2 + sigma**2)) ** 2
 
 
 # --- the SDE base class -----------------------------------------------------------------------
@@ -249,19 +190,23 @@ class SDE(abc.ABC):
     return t * (999.0 / self.T)
 
   def score_from_output(self, output: Array, x: Array, t: Array,
-                        parametrization: Optional[str] = None, continuous: bool = True) -> Array:
+                        parametrization: Optional[str | Parametrization] = None,
+                        continuous: bool = True) -> Array:
     """The score at (x, t) from the network output of ``parametrization`` (None: this SDE's
     ``default_parametrization``), through the marginal (alpha(t), sigma(t)) or, with
     ``continuous=False``, the discrete chain's (alpha_i, sigma_i) at step
     :meth:`discrete_noise_label`."""
-    p = check_parametrization(parametrization or self.default_parametrization)
-    if p == "score":
-      return output
+    p = get_parametrization(parametrization or self.default_parametrization)
+    alpha, sigma = self.network_coef(t, x.dtype, continuous)
+    return p.to_score(output, x, alpha, sigma)
+
+  def network_coef(self, t: Array, dtype=jnp.float32,
+                   continuous: bool = True) -> tuple[Array, Array]:
+    """``(alpha, sigma) [batch]`` a network's output is read with: the marginal's at t or, with
+    ``continuous=False``, the discrete chain's at step :meth:`discrete_noise_label` (t)."""
     if continuous:
-      alpha, sigma = self.marginal_coef(t)
-    else:
-      alpha, sigma = self.discrete_kernel(self.discrete_noise_label(t), x.dtype)
-    return PARAMETRIZATIONS[p](output, x, alpha, sigma)
+      return self.marginal_coef(t)
+    return self.discrete_kernel(self.discrete_noise_label(t), dtype)
 
   def check_discrete(self) -> None:
     """Raises ValueError unless this SDE has a discrete chain (discrete training / networks)."""

@@ -18,9 +18,14 @@ def data_shape(config) -> tuple[int, ...]:
   return (int(data.image_size), int(data.image_size), int(data.num_channels))
 
 
-def parametrization_of(config) -> Optional[str]:
-  """``config.model.parametrization`` (absent, None or '': None, meaning the SDE's default)."""
-  return config.model.get("parametrization", None) or None
+def parametrization_of(config):
+  """The :class:`score_sde.parametrizations.Parametrization` of ``config.model.parametrization``
+  (with ``config.model.sigma_data`` for 'edm'), or None (absent, None or '': the SDE's default)."""
+  name = config.model.get("parametrization", None) or None
+  if name is None:
+    return None
+  from score_sde.parametrizations import get_parametrization
+  return get_parametrization(name, config.model.get("sigma_data", None))
 
 
 def read_json(path: str, default: Any = None) -> Any:

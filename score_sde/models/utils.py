@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_sde import sde_lib
+from score_sde.parametrizations import Parametrization, get_parametrization
 from score_sde.utils import data_shape
 
 Array = jax.Array
@@ -105,18 +106,25 @@ def get_model_fn(model: nn.Module, variables: Any, train: bool = False,
 
 
 def get_score_fn(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool = True,
-                 parametrization: Optional[str] = None):
+                 parametrization: Optional[str | Parametrization] = None):
   """Wraps a network into ``score_fn(x [batch, ...], t [batch]) -> score``.
 
-  The network sees ``sde.noise_label(t)`` (continuous) or ``sde.discrete_noise_label(t)``
-  (discrete) and its output is mapped to a score by ``sde.score_from_output`` for
-  ``parametrization`` (None: the SDE's default; the conventions above).
+  With (alpha, sigma) = ``sde.network_coef(t)`` and p the :class:`Parametrization`
+  (``parametrization``, a name or an instance; None: the SDE's default):
+  score = p.to_score(F, x, alpha, sigma), F = model_fn(p.network_input(x, alpha, sigma), label),
+  label = p.network_label(alpha, sigma), or the SDE's ``noise_label(t)`` (continuous) /
+  ``discrete_noise_label(t)`` (discrete) when p does not precondition (the conventions above).
   """
-  sde_lib.check_parametrization(parametrization or sde.default_parametrization)
+  p = get_parametrization(parametrization or sde.default_parametrization)
   if not continuous:
     sde.check_discrete()
-  label = sde.noise_label if continuous else sde.discrete_noise_label
+    if p.preconditions:
+      raise ValueError(f"The {p.name!r} parametrization preconditions a continuous-time network; "
+                       "set config.training.continuous=True.")
+  sde_label = sde.noise_label if continuous else sde.discrete_noise_label
 
   def score_fn(x, t):
-    return sde.score_from_output(model_fn(x, label(t)), x, t, parametrization, continuous)
+    alpha, sigma = sde.network_coef(t, x.dtype, continuous)
+    label = p.network_label(alpha, sigma) if p.preconditions else sde_label(t)
+    return p.to_score(model_fn(p.network_input(x, alpha, sigma), label), x, alpha, sigma)
   return score_fn

@@ -1,0 +1,227 @@
+"""What a network predicts, and how its input and label are preconditioned.
+
+With x_t = alpha x_0 + sigma n (n ~ N(0, I)), every regression target is an exact function of
+(x_t, t) and of the score s = -n / sigma = (alpha x_0 - x_t) / sigma^2:
+
+  =========  ==================================  ==========================================
+  name       the network output F predicts       score from F
+  =========  ==================================  ==========================================
+  'score'    s                                   F
+  'eps'      n = -sigma s                        -F / sigma
+  'x0'       x_0 = (x_t + sigma^2 s) / alpha     (alpha F - x_t) / sigma^2
+  'v'        v = alpha n - sigma x_0             from n = (sigma x_t + alpha F) / (alpha^2 + sigma^2)
+  'edm'      EDM preconditioning (below)         from x_0 = D(x_t)
+  =========  ==================================  ==========================================
+
+EDM preconditioning (Karras et al. 2022, Table 1), for any process: with sigma_e = sigma / alpha
+(the noise level of x_t / alpha = x_0 + sigma_e n) and s_d = ``sigma_data``,
+
+  c_skip = s_d^2 / (sigma_e^2 + s_d^2)      c_out = sigma_e s_d / sqrt(sigma_e^2 + s_d^2)
+  c_in = 1 / sqrt(sigma_e^2 + s_d^2)        c_noise = ln(sigma_e) / 4
+
+  D(x_t) = c_skip x_t / alpha + c_out F(c_in x_t / alpha, label)   (the x_0 prediction).
+
+The network sees the label sigma_e, a positive noise level: the networks here embed it as
+Fourier features of log(sigma_e) = 4 c_noise (``embedding_type='fourier'``), EDM's c_noise up
+to the Fourier scale. Only 'edm' changes the network's input and label; the others see x_t and
+the SDE's ``noise_label(t)``.
+
+:meth:`Parametrization.target` gives the loss target in the output's own space and the weight
+w with ||eps_hat - n||^2 = w ||F - target||^2, which is how every loss of
+:mod:`score_sde.losses` is one eps-space error times a weighting.
+
+Shapes: ``x``, ``out``, ``x0``, ``noise`` are ``[batch, ...]``; ``alpha``, ``sigma`` ``[batch]``.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = ["Parametrization", "PARAMETRIZATIONS", "get_parametrization", "check_parametrization",
+           "output_to_score", "parametrization_target"]
+
+
+def _bmul(a: Array, x: Array) -> Array:
+  a = jnp.asarray(a)
+  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) * x
+
+
+PARAMETRIZATIONS: dict[str, type["Parametrization"]] = {}
+
+
+class Parametrization:
+  """A network output convention. Subclasses declared with ``name=`` are registered.
+
+  Calling an instance, ``p(out, x, alpha, sigma)``, is :meth:`to_score`.
+  """
+
+  name: ClassVar[str] = ""
+  #: whether the network sees a preconditioned input and label (continuous time only)
+  preconditions: ClassVar[bool] = False
+
+  def __init_subclass__(cls, name: Optional[str] = None, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if name is not None:
+      cls.name = name
+      PARAMETRIZATIONS[name] = cls
+
+  def network_input(self, x: Array, alpha: Array, sigma: Array) -> Array:
+    """What the network is given for x_t (x_t itself unless preconditioned)."""
+    return x
+
+  def network_label(self, alpha: Array, sigma: Array) -> Optional[Array]:
+    """The network's label ``[batch]``; None: the SDE's own ``noise_label(t)``."""
+    return None
+
+  def to_score(self, out: Array, x: Array, alpha: Array, sigma: Array) -> Array:
+    raise NotImplementedError
+
+  def target(self, x0: Array, noise: Array, alpha: Array,
+             sigma: Array) -> tuple[Array, Array]:
+    """``(target [batch, ...], w [batch])`` with ||eps_hat - n||^2 = w ||out - target||^2."""
+    raise NotImplementedError
+
+  def __call__(self, out: Array, x: Array, alpha: Array, sigma: Array) -> Array:
+    return self.to_score(out, x, alpha, sigma)
+
+  def describe(self) -> str:
+    """The name, with any parameter (what checkpoints record)."""
+    return self.name
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({self.describe()!r})"
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, Parametrization) and self.describe() == other.describe()
+
+  def __hash__(self) -> int:
+    return hash(self.describe())
+
+
+class ScoreOutput(Parametrization, name="score"):
+  """F = s (NCSN / VE networks)."""
+
+  def to_score(self, out, x, alpha, sigma):
+    return out
+
+  def target(self, x0, noise, alpha, sigma):
+    return -_bmul(1.0 / sigma**2, _bmul(sigma, noise)), sigma**2
+
+
+class EpsOutput(Parametrization, name="eps"):
+  """F = n (DDPM / VP networks): s = -F / sigma."""
+
+  def to_score(self, out, x, alpha, sigma):
+    return -_bmul(1.0 / sigma, out)
+
+  def target(self, x0, noise, alpha, sigma):
+    return noise, jnp.ones_like(sigma)
+
+
+class X0Output(Parametrization, name="x0"):
+  """F = x_0: s = (alpha F - x_t) / sigma^2; ||eps err||^2 = (alpha / sigma)^2 ||x0 err||^2."""
+
+  def to_score(self, out, x, alpha, sigma):
+    return _bmul(1.0 / sigma**2, _bmul(alpha, out) - x)
+
+  def target(self, x0, noise, alpha, sigma):
+    return x0, (alpha / sigma) ** 2
+
+
+class VOutput(Parametrization, name="v"):
+  """F = v = alpha n - sigma x_0 (Salimans & Ho 2022): n = (sigma x_t + alpha F) / (alpha^2 +
+  sigma^2); ||eps err||^2 = alpha^2 / (alpha^2 + sigma^2)^2 ||v err||^2."""
+
+  def to_score(self, out, x, alpha, sigma):
+    eps = _bmul(1.0 / (alpha**2 + sigma**2), _bmul(sigma, x) + _bmul(alpha, out))
+    return -_bmul(1.0 / sigma, eps)
+
+  def target(self, x0, noise, alpha, sigma):
+    return _bmul(alpha, noise) - _bmul(sigma, x0), (alpha / (alpha**2 + sigma**2)) ** 2
+
+
+class EDMPreconditioning(Parametrization, name="edm"):
+  """EDM's preconditioned denoiser (module docstring), for any Gaussian path.
+
+  x0_hat = c_skip x_t / alpha + c_out F(c_in x_t / alpha, sigma_e); the loss target is
+  F* = (x_0 - c_skip x_t / alpha) / c_out and ||eps err||^2 = (c_out / sigma_e)^2 ||F - F*||^2.
+  """
+
+  preconditions = True
+
+  def __init__(self, sigma_data: float = 0.5):
+    sigma_data = float(sigma_data)
+    if not sigma_data > 0:
+      raise ValueError(f"config.model.sigma_data must be > 0 (EDM preconditioning), got "
+                       f"{sigma_data}.")
+    self.sigma_data = sigma_data
+
+  def coefficients(self, alpha: Array, sigma: Array) -> tuple[Array, Array, Array, Array]:
+    """``(sigma_e, c_skip, c_out, c_in)``, each ``[batch]``."""
+    sd = self.sigma_data
+    sigma_e = sigma / alpha
+    norm = sigma_e**2 + sd**2
+    return sigma_e, sd**2 / norm, sigma_e * sd * jax.lax.rsqrt(norm), jax.lax.rsqrt(norm)
+
+  def network_input(self, x, alpha, sigma):
+    _, _, _, c_in = self.coefficients(alpha, sigma)
+    return _bmul(c_in / alpha, x)
+
+  def network_label(self, alpha, sigma):
+    return sigma / alpha
+
+  def denoise(self, out: Array, x: Array, alpha: Array, sigma: Array) -> Array:
+    """D(x_t) = c_skip x_t / alpha + c_out F: the x_0 prediction ``[batch, ...]``."""
+    _, c_skip, c_out, _ = self.coefficients(alpha, sigma)
+    return _bmul(c_skip / alpha, x) + _bmul(c_out, out)
+
+  def to_score(self, out, x, alpha, sigma):
+    return _bmul(1.0 / sigma**2, _bmul(alpha, self.denoise(out, x, alpha, sigma)) - x)
+
+  def target(self, x0, noise, alpha, sigma):
+    sigma_e, c_skip, c_out, _ = self.coefficients(alpha, sigma)
+    x_tilde = x0 + _bmul(sigma_e, noise)              # x_t / alpha
+    return _bmul(1.0 / c_out, x0 - _bmul(c_skip, x_tilde)), (c_out / sigma_e) ** 2
+
+  def describe(self):
+    return f"edm(sigma_data={self.sigma_data:g})"
+
+
+def get_parametrization(parametrization: Union[str, Parametrization],
+                        sigma_data: Optional[float] = None) -> Parametrization:
+  """The :class:`Parametrization` named ``parametrization`` (an instance is returned as is).
+
+  ``sigma_data`` (``config.model.sigma_data``, default 0.5) parametrizes 'edm'.
+  """
+  if isinstance(parametrization, Parametrization):
+    return parametrization
+  cls = PARAMETRIZATIONS.get(check_parametrization(parametrization))
+  if cls is EDMPreconditioning:
+    return cls(0.5 if sigma_data is None else sigma_data)
+  return cls()
+
+
+def check_parametrization(parametrization: Union[str, Parametrization]) -> str:
+  """The name, if registered; ValueError naming the choices otherwise."""
+  if isinstance(parametrization, Parametrization):
+    return parametrization.name
+  if parametrization not in PARAMETRIZATIONS:
+    raise ValueError(f"Unknown output parametrization {parametrization!r} (config.model."
+                     f"parametrization); choose one of {sorted(PARAMETRIZATIONS)}.")
+  return parametrization
+
+
+def output_to_score(parametrization: Union[str, Parametrization], output: Array, x: Array,
+                    alpha: Array, sigma: Array) -> Array:
+  """The score of x_t = alpha x_0 + sigma n from a network output of the given parametrization."""
+  return get_parametrization(parametrization).to_score(output, x, alpha, sigma)
+
+
+def parametrization_target(parametrization: Union[str, Parametrization], x0: Array, noise: Array,
+                           alpha: Array, sigma: Array) -> tuple[Array, Array]:
+  """``(target [batch, ...], weight [batch])`` of :meth:`Parametrization.target`."""
+  return get_parametrization(parametrization).target(x0, noise, alpha, sigma)
