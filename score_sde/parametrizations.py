@@ -10,6 +10,7 @@ With x_t = alpha x_0 + sigma n (n ~ N(0, I)), every regression target is an exac
   'eps'      n = -sigma s                        -F / sigma
   'x0'       x_0 = (x_t + sigma^2 s) / alpha     (alpha F - x_t) / sigma^2
   'v'        v = alpha n - sigma x_0             from n = (sigma x_t + alpha F) / (alpha^2 + sigma^2)
+  'flow'     u = alpha' x_0 + sigma' n = dx_t/dt  from n = (alpha F - alpha' x_t) / (alpha sigma' - alpha' sigma)
   'edm'      EDM preconditioning (below)         from x_0 = D(x_t)
   =========  ==================================  ==========================================
 
@@ -62,6 +63,8 @@ class Parametrization:
   name: ClassVar[str] = ""
   #: whether the network sees a preconditioned input and label (continuous time only)
   preconditions: ClassVar[bool] = False
+  #: whether it needs d alpha / dt and d sigma / dt (continuous time only)
+  needs_rates: ClassVar[bool] = False
 
   def __init_subclass__(cls, name: Optional[str] = None, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -77,16 +80,19 @@ class Parametrization:
     """The network's label ``[batch]``; None: the SDE's own ``noise_label(t)``."""
     return None
 
-  def to_score(self, out: Array, x: Array, alpha: Array, sigma: Array) -> Array:
+  def to_score(self, out: Array, x: Array, alpha: Array, sigma: Array,
+               rates: Optional[tuple[Array, Array]] = None) -> Array:
+    """The score from the network output. ``rates = (d alpha / dt, d sigma / dt)`` ``[batch]``
+    (``SDE.marginal_rates``), given when ``needs_rates``."""
     raise NotImplementedError
 
-  def target(self, x0: Array, noise: Array, alpha: Array,
-             sigma: Array) -> tuple[Array, Array]:
+  def target(self, x0: Array, noise: Array, alpha: Array, sigma: Array,
+             rates: Optional[tuple[Array, Array]] = None) -> tuple[Array, Array]:
     """``(target [batch, ...], w [batch])`` with ||eps_hat - n||^2 = w ||out - target||^2."""
     raise NotImplementedError
 
-  def __call__(self, out: Array, x: Array, alpha: Array, sigma: Array) -> Array:
-    return self.to_score(out, x, alpha, sigma)
+  def __call__(self, out: Array, x: Array, alpha: Array, sigma: Array, rates=None) -> Array:
+    return self.to_score(out, x, alpha, sigma, rates)
 
   def describe(self) -> str:
     """The name, with any parameter (what checkpoints record)."""
@@ -105,30 +111,30 @@ class Parametrization:
 class ScoreOutput(Parametrization, name="score"):
   """F = s (NCSN / VE networks)."""
 
-  def to_score(self, out, x, alpha, sigma):
+  def to_score(self, out, x, alpha, sigma, rates=None):
     return out
 
-  def target(self, x0, noise, alpha, sigma):
+  def target(self, x0, noise, alpha, sigma, rates=None):
     return -_bmul(1.0 / sigma**2, _bmul(sigma, noise)), sigma**2
 
 
 class EpsOutput(Parametrization, name="eps"):
   """F = n (DDPM / VP networks): s = -F / sigma."""
 
-  def to_score(self, out, x, alpha, sigma):
+  def to_score(self, out, x, alpha, sigma, rates=None):
     return -_bmul(1.0 / sigma, out)
 
-  def target(self, x0, noise, alpha, sigma):
+  def target(self, x0, noise, alpha, sigma, rates=None):
     return noise, jnp.ones_like(sigma)
 
 
 class X0Output(Parametrization, name="x0"):
   """F = x_0: s = (alpha F - x_t) / sigma^2; ||eps err||^2 = (alpha / sigma)^2 ||x0 err||^2."""
 
-  def to_score(self, out, x, alpha, sigma):
+  def to_score(self, out, x, alpha, sigma, rates=None):
     return _bmul(1.0 / sigma**2, _bmul(alpha, out) - x)
 
-  def target(self, x0, noise, alpha, sigma):
+  def target(self, x0, noise, alpha, sigma, rates=None):
     return x0, (alpha / sigma) ** 2
 
 
@@ -136,12 +142,29 @@ class VOutput(Parametrization, name="v"):
   """F = v = alpha n - sigma x_0 (Salimans & Ho 2022): n = (sigma x_t + alpha F) / (alpha^2 +
   sigma^2); ||eps err||^2 = alpha^2 / (alpha^2 + sigma^2)^2 ||v err||^2."""
 
-  def to_score(self, out, x, alpha, sigma):
+  def to_score(self, out, x, alpha, sigma, rates=None):
     eps = _bmul(1.0 / (alpha**2 + sigma**2), _bmul(sigma, x) + _bmul(alpha, out))
     return -_bmul(1.0 / sigma, eps)
 
-  def target(self, x0, noise, alpha, sigma):
+  def target(self, x0, noise, alpha, sigma, rates=None):
     return _bmul(alpha, noise) - _bmul(sigma, x0), (alpha / (alpha**2 + sigma**2)) ** 2
+
+
+class FlowOutput(Parametrization, name="flow"):
+  """F = u = dx_t / dt = alpha' x_0 + sigma' n, the flow-matching velocity (u = n - x_0 for
+  rectified flow). With k = alpha sigma' - alpha' sigma: n = (alpha F - alpha' x_t) / k, and
+  ||eps err||^2 = (alpha / k)^2 ||u err||^2."""
+
+  needs_rates = True
+
+  def to_score(self, out, x, alpha, sigma, rates=None):
+    da, ds = rates
+    k = alpha * ds - da * sigma
+    return -_bmul(1.0 / (sigma * k), _bmul(alpha, out) - _bmul(da, x))
+
+  def target(self, x0, noise, alpha, sigma, rates=None):
+    da, ds = rates
+    return _bmul(da, x0) + _bmul(ds, noise), (alpha / (alpha * ds - da * sigma)) ** 2
 
 
 class EDMPreconditioning(Parametrization, name="edm"):
@@ -179,10 +202,10 @@ class EDMPreconditioning(Parametrization, name="edm"):
     _, c_skip, c_out, _ = self.coefficients(alpha, sigma)
     return _bmul(c_skip / alpha, x) + _bmul(c_out, out)
 
-  def to_score(self, out, x, alpha, sigma):
+  def to_score(self, out, x, alpha, sigma, rates=None):
     return _bmul(1.0 / sigma**2, _bmul(alpha, self.denoise(out, x, alpha, sigma)) - x)
 
-  def target(self, x0, noise, alpha, sigma):
+  def target(self, x0, noise, alpha, sigma, rates=None):
     sigma_e, c_skip, c_out, _ = self.coefficients(alpha, sigma)
     x_tilde = x0 + _bmul(sigma_e, noise)              # x_t / alpha
     return _bmul(1.0 / c_out, x0 - _bmul(c_skip, x_tilde)), (c_out / sigma_e) ** 2
@@ -216,12 +239,12 @@ def check_parametrization(parametrization: Union[str, Parametrization]) -> str:
 
 
 def output_to_score(parametrization: Union[str, Parametrization], output: Array, x: Array,
-                    alpha: Array, sigma: Array) -> Array:
+                    alpha: Array, sigma: Array, rates=None) -> Array:
   """The score of x_t = alpha x_0 + sigma n from a network output of the given parametrization."""
-  return get_parametrization(parametrization).to_score(output, x, alpha, sigma)
+  return get_parametrization(parametrization).to_score(output, x, alpha, sigma, rates)
 
 
 def parametrization_target(parametrization: Union[str, Parametrization], x0: Array, noise: Array,
-                           alpha: Array, sigma: Array) -> tuple[Array, Array]:
+                           alpha: Array, sigma: Array, rates=None) -> tuple[Array, Array]:
   """``(target [batch, ...], weight [batch])`` of :meth:`Parametrization.target`."""
-  return get_parametrization(parametrization).target(x0, noise, alpha, sigma)
+  return get_parametrization(parametrization).target(x0, noise, alpha, sigma, rates)

@@ -193,20 +193,30 @@ class SDE(abc.ABC):
                         parametrization: Optional[str | Parametrization] = None,
                         continuous: bool = True) -> Array:
     """The score at (x, t) from the network output of ``parametrization`` (None: this SDE's
-    ``default_parametrization``), through the marginal (alpha(t), sigma(t)) or, with
-    ``continuous=False``, the discrete chain's (alpha_i, sigma_i) at step
-    :meth:`discrete_noise_label`."""
+    ``default_parametrization``), read with :meth:`network_coef`."""
     p = get_parametrization(parametrization or self.default_parametrization)
-    alpha, sigma = self.network_coef(t, x.dtype, continuous)
-    return p.to_score(output, x, alpha, sigma)
+    alpha, sigma, rates = self.network_coef(t, x.dtype, continuous, p.needs_rates)
+    return p.to_score(output, x, alpha, sigma, rates)
 
-  def network_coef(self, t: Array, dtype=jnp.float32,
-                   continuous: bool = True) -> tuple[Array, Array]:
-    """``(alpha, sigma) [batch]`` a network's output is read with: the marginal's at t or, with
-    ``continuous=False``, the discrete chain's at step :meth:`discrete_noise_label` (t)."""
+  def marginal_rates(self, t: Array) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    """``((alpha, sigma), (d alpha / dt, d sigma / dt))``, each of t's shape (forward-mode
+    derivative of :meth:`marginal_coef`; a subclass may give closed forms)."""
+    return jax.jvp(self.marginal_coef, (t,), (jnp.ones_like(t),))
+
+  def network_coef(self, t: Array, dtype=jnp.float32, continuous: bool = True,
+                   rates: bool = False) -> tuple[Array, Array, Optional[tuple[Array, Array]]]:
+    """``(alpha, sigma, rates)`` a network's output is read with: the marginal's at t (and its
+    :meth:`marginal_rates` when ``rates``, else None) or, with ``continuous=False``, the discrete
+    chain's at step :meth:`discrete_noise_label` (t)."""
     if continuous:
-      return self.marginal_coef(t)
-    return self.discrete_kernel(self.discrete_noise_label(t), dtype)
+      if rates:
+        (alpha, sigma), r = self.marginal_rates(t)
+        return alpha, sigma, r
+      return (*self.marginal_coef(t), None)
+    if rates:
+      raise ValueError("Rates d alpha / dt, d sigma / dt are undefined for a discrete chain: set "
+                       "config.training.continuous=True.")
+    return (*self.discrete_kernel(self.discrete_noise_label(t), dtype), None)
 
   def check_discrete(self) -> None:
     """Raises ValueError unless this SDE has a discrete chain (discrete training / networks)."""

@@ -109,22 +109,22 @@ def get_score_fn(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool = True,
                  parametrization: Optional[str | Parametrization] = None):
   """Wraps a network into ``score_fn(x [batch, ...], t [batch]) -> score``.
 
-  With (alpha, sigma) = ``sde.network_coef(t)`` and p the :class:`Parametrization`
+  With (alpha, sigma, rates) = ``sde.network_coef(t)`` and p the :class:`Parametrization`
   (``parametrization``, a name or an instance; None: the SDE's default):
-  score = p.to_score(F, x, alpha, sigma), F = model_fn(p.network_input(x, alpha, sigma), label),
+  score = p.to_score(F, x, alpha, sigma, rates), F = model_fn(p.network_input(x, alpha, sigma), label),
   label = p.network_label(alpha, sigma), or the SDE's ``noise_label(t)`` (continuous) /
   ``discrete_noise_label(t)`` (discrete) when p does not precondition (the conventions above).
   """
   p = get_parametrization(parametrization or sde.default_parametrization)
   if not continuous:
     sde.check_discrete()
-    if p.preconditions:
-      raise ValueError(f"The {p.name!r} parametrization preconditions a continuous-time network; "
-                       "set config.training.continuous=True.")
+    if p.preconditions or p.needs_rates:
+      raise ValueError(f"The {p.name!r} parametrization is for continuous-time networks; set "
+                       "config.training.continuous=True or choose another parametrization.")
   sde_label = sde.noise_label if continuous else sde.discrete_noise_label
 
   def score_fn(x, t):
-    alpha, sigma = sde.network_coef(t, x.dtype, continuous)
+    alpha, sigma, rates = sde.network_coef(t, x.dtype, continuous, p.needs_rates)
     label = p.network_label(alpha, sigma) if p.preconditions else sde_label(t)
-    return p.to_score(model_fn(p.network_input(x, alpha, sigma), label), x, alpha, sigma)
+    return p.to_score(model_fn(p.network_input(x, alpha, sigma), label), x, alpha, sigma, rates)
   return score_fn
