@@ -14,6 +14,12 @@ def add_runtime_fields(config: ml_collections.ConfigDict) -> ml_collections.Conf
   """Fields this framework reads beyond the reference schema (same names as the toy defaults)."""
   config.training.max_to_keep = 5
   config.training.nan_policy = "stop"           # 'stop' | 'skip' non-finite updates
+  config.training.loss = "dsm"                  # see configs/default_toy_configs.py
+  config.training.t_sampling = placeholder(str)
+  config.training.t_mean = placeholder(float)
+  config.training.t_std = placeholder(float)
+  config.model.parametrization = placeholder(str)  # None: the SDE's
+  config.model.sigma_data = 0.5
   sampling = config.sampling
   sampling.method = "pc"
   sampling.predictor = "euler_maruyama"

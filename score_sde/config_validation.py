@@ -233,8 +233,18 @@ def _hutchinson_types() -> list[str]:
 
 
 def _parametrizations() -> list[str]:
-  from score_sde.sde_lib import PARAMETRIZATIONS
+  from score_sde.parametrizations import PARAMETRIZATIONS
   return sorted(PARAMETRIZATIONS)
+
+
+def _losses() -> list[str]:
+  from score_sde.losses import LOSSES
+  return ["dsm"] + sorted(LOSSES)
+
+
+def _t_samplings() -> list[str]:
+  from score_sde.losses import T_SAMPLINGS
+  return list(T_SAMPLINGS)
 
 
 def _embedding_types() -> list[str]:
@@ -282,6 +292,12 @@ FIELDS: dict[str, Check] = {
     "training.max_to_keep": _int(required=True,
                                  describe=">= 1 (the final state is a kept snapshot)"),
     "training.nan_policy": _choice(("stop", "skip"), optional=True),
+    "training.loss": _choice(_losses, optional=True, hint="None: 'dsm'"),
+    "training.t_sampling": _choice(_t_samplings, optional=True,
+                                   hint="None: the loss's default (weighted losses only)"),
+    "training.t_mean": _float(optional=True, hint="logit_normal / lognormal location; None: "
+                                                  "0 / -1.2"),
+    "training.t_std": _pos(optional=True, hint="logit_normal / lognormal scale; None: 1 / 1.2"),
     "training.label_dropout": _float(min=0, max=1, optional=True,
                                      hint="class-conditional training only"),
     # --- sampling ---
@@ -358,6 +374,7 @@ FIELDS: dict[str, Check] = {
     "model.parametrization": _choice(lambda: [""] + _parametrizations(), optional=True,
                                      hint="None or '': the SDE's default"),
     "model.num_classes": _int(min=0, optional=True, hint="0 or None: unconditional"),
+    "model.sigma_data": _pos(optional=True, hint="EDM preconditioning / loss; None: 0.5"),
     "model.sigma_min": _pos(),
     "model.sigma_max": _pos(),
     "model.sigma_begin": _pos(hint="unused: the VE SDE reads sigma_max; kept from the reference"),
@@ -492,6 +509,41 @@ def _is_image(config) -> bool:
   return _get(config, "data.dim") in (None, 0)
 
 
+def _check_loss(errors: list[str], config, ok) -> None:
+  """The loss, the parametrization and continuous time fit together."""
+  loss = _get(config, "training.loss") or "dsm"
+  continuous = _get(config, "training.continuous")
+  fields = ("training.loss", "training.continuous", "training.likelihood_weighting",
+            "training.t_sampling", "model.parametrization", "model.scale_by_sigma")
+  if not ok(*fields):
+    return
+  if loss != "dsm" and continuous is False:
+    errors.append(f"config.training.loss={loss!r} is a continuous-time loss: set "
+                  "config.training.continuous=True (or training.loss='dsm').")
+  if loss != "dsm" and _get(config, "training.likelihood_weighting"):
+    errors.append(f"config.training.likelihood_weighting=True applies to the 'dsm' loss only; "
+                  f"the {loss!r} loss has its own weighting: set it to False.")
+  if loss == "dsm" and _get(config, "training.t_sampling"):
+    errors.append("config.training.t_sampling applies to the weighted losses (training.loss != "
+                  "'dsm'); the 'dsm' loss draws t ~ U(eps, T): unset it or choose another loss.")
+  name = _get(config, "model.parametrization")
+  if not name:
+    return
+  from score_sde.parametrizations import PARAMETRIZATIONS
+  cls = PARAMETRIZATIONS[name]
+  if (cls.preconditions or cls.needs_rates) and continuous is False:
+    errors.append(f"config.model.parametrization={name!r} is for continuous-time networks: set "
+                  "config.training.continuous=True or choose another parametrization.")
+  if cls.preconditions and _get(config, "model.scale_by_sigma"):
+    errors.append(f"config.model.parametrization={name!r} scales the network's input and output "
+                  "itself (c_in, c_out): set config.model.scale_by_sigma=False.")
+  if cls.preconditions and str(_get(config, "model.embedding_type", "fourier")).lower() != (
+      "fourier"):
+    errors.append(f"config.model.parametrization={name!r} labels the network with the noise "
+                  "level sigma / alpha, which it embeds as Fourier features of its log: set "
+                  "config.model.embedding_type='fourier'.")
+
+
 def _cross_checks(errors: list[str], config, bad: set[str], num_devices: int) -> None:
   import jax
   ok = lambda *paths: not any(p in bad for p in paths)
@@ -500,6 +552,7 @@ def _cross_checks(errors: list[str], config, bad: set[str], num_devices: int) ->
       config, "training.continuous"):
     errors.append("config.training.continuous=False is not defined for the sub-VP SDE; set it to "
                   "True or use training.sde='vpsde'.")
+  _check_loss(errors, config, ok)
   batch = _get(config, "training.batch_size")
   if ok("training.batch_size") and batch is not None:
     if batch % num_devices:

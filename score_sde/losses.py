@@ -11,6 +11,34 @@ x_t = alpha(t) x_0 + sigma(t) z, z ~ N(0, I):
                   l = R(|| s_theta(x_0 + sigma_i z, i) + z / sigma_i ||^2) sigma_i^2
       DDPM (VP):  i ~ U{0..N-1}, l = R(|| eps_theta(sqrt(abar_i) x_0 + sqrt(1 - abar_i) z, i) - z ||^2)
 
+Weighted denoising losses (``config.training.loss``; :func:`get_weighted_loss_fn`), one core for
+any process, parametrization and weighting. The network output F is regressed onto its own target
+(:meth:`score_sde.parametrizations.Parametrization.target`, the same x_t, t, z), and every such
+loss is lambda(t) times the unweighted DSM loss above, per example,
+
+  l(x_0, t, z) = lambda(t) R(|| sigma(t) s_theta(x_t, t) + z ||^2)     (eps_hat = -sigma s_theta):
+
+  ====================  ==============================  ========================  =======================
+  loss                  regression (per example)        t ~                        lambda(t)
+  ====================  ==============================  ========================  =======================
+  'dsm'                 (sigma s + z)^2                 U(eps, T)                  1
+  'dsm', likelihood w.  (s + z / sigma)^2 g^2           U(eps, T)                  g(t)^2 / sigma^2
+  'eps'                 (eps_hat - z)^2                 U(eps, T)                  1
+  'x0'                  (x0_hat - x_0)^2                U(eps, T)                  sigma_e^2
+  'v'                   (v_hat - v)^2                   U(eps, T)                  (alpha^2 + sigma^2)^2 / alpha^2
+  'flow_matching'       (u_hat - u)^2, u = dx_t/dt      U(eps, T) or logit-normal  k^2 / alpha^2
+  'edm'                 w_edm (D - x_0)^2               ln sigma_e ~ N(-1.2, 1.2)  (sigma_e^2 + s_d^2) / s_d^2
+  ====================  ==============================  ========================  =======================
+
+with sigma_e = sigma / alpha, k = alpha sigma' - alpha' sigma (rectified flow: k = 1, so lambda =
+1 / (1 - t)^2), s_d = ``config.model.sigma_data`` and EDM's w_edm = (sigma_e^2 + s_d^2) /
+(sigma_e s_d)^2 (Karras et al. 2022, eq. 8; with the 'edm' parametrization this is exactly
+||F - F*||^2). 'dsm' is the original loss, computed as before. The time distribution is the
+loss's default or ``config.training.t_sampling``: 'uniform', 'logit_normal' (SD3: t = eps +
+(T - eps) sigmoid(m + s z), m, s = ``t_mean``, ``t_std``, default 0, 1) or 'lognormal'
+(EDM: ln sigma_e ~ N(t_mean, t_std), default -1.2, 1.2, mapped to t by the SDE's
+``t_from_log_snr(-2 ln sigma_e)`` and clipped to [eps, T]).
+
 R reduces over the data dimensions: the mean (reduce_mean) or half the sum (as in the reference);
 the loss is the mean of l over the (global) batch. Every loss function has the signature
 ``loss_fn(key, params, batch) -> (loss, aux)`` with ``params`` the network's 'params' collection
@@ -34,14 +62,15 @@ import jax.numpy as jnp
 import optax
 
 from score_sde import conditional, sde_lib
-from score_sde.models.utils import get_model_fn, get_score_fn
+from score_sde.models.utils import get_model_fn, get_network_fn, get_score_fn
 from score_sde.sde_lib import batch_mul
 from score_sde.utils import data_shape, parametrization_of
 
 Array = jax.Array
 LossFn = Callable[[Array, Any, Array], tuple[Array, dict]]
 
-__all__ = ["get_sde_loss_fn", "get_discrete_loss_fn", "get_loss_fn", "Task", "TrainState",
+__all__ = ["get_sde_loss_fn", "get_discrete_loss_fn", "get_weighted_loss_fn", "LOSSES",
+           "T_SAMPLINGS", "sample_t", "get_loss_fn", "Task", "TrainState",
            "init_train_state", "get_lr_schedule", "get_optimizer", "get_train_step_fn",
            "get_multi_step_fn", "get_eval_step_fn"]
 
@@ -102,7 +131,10 @@ def get_discrete_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool,
       sigma_i = flip(discrete_sigmas)[i] (descending).
   """
   sde.check_discrete()
-  p = sde_lib.check_parametrization(parametrization or sde.default_parametrization)
+  p = sde_lib.get_parametrization(parametrization or sde.default_parametrization)
+  if p.preconditions or p.needs_rates:
+    raise ValueError(f"The {p.name!r} parametrization is for continuous-time networks; set "
+                     "config.training.continuous=True or choose another parametrization.")
   reduce_op = _reduce_op(reduce_mean)
 
   def loss_fn(key: Array, params: Any, batch: Array):
@@ -112,9 +144,107 @@ def get_discrete_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool,
     a, s = sde.discrete_kernel(labels, batch.dtype)
     z = jax.random.normal(z_key, batch.shape, batch.dtype)
     x_i = batch_mul(a, batch) + batch_mul(s, z)
-    target, weight = sde_lib.parametrization_target(p, batch, z, a, s)
+    target, weight = p.target(batch, z, a, s)
     losses = reduce_op(jnp.square(model_fn(x_i, labels) - target)) * weight
     return jnp.mean(losses), {"losses": losses, "labels": labels, "noise": z}
+
+  return loss_fn
+
+
+# --- weighted denoising losses ------------------------------------------------------------------
+T_SAMPLINGS = ("uniform", "logit_normal", "lognormal")
+_T_DEFAULTS = {"logit_normal": (0.0, 1.0), "lognormal": (-1.2, 1.2)}
+
+
+def sample_t(key: Array, n: int, sde: sde_lib.SDE, eps: float, how: str = "uniform",
+             mean: Optional[float] = None, std: Optional[float] = None) -> Array:
+  """Training times ``[n]`` in [eps, T]: 'uniform' U(eps, T); 'logit_normal' eps + (T - eps)
+  sigmoid(mean + std z); 'lognormal' ln sigma_e ~ N(mean, std), t = sde.t_from_log_snr(-2 ln
+  sigma_e) clipped to [eps, T]. ``mean`` / ``std`` None: (0, 1) and (-1.2, 1.2)."""
+  if how == "uniform":
+    return jax.random.uniform(key, (n,), minval=eps, maxval=sde.T)
+  if how not in _T_DEFAULTS:
+    raise ValueError(f"Unknown config.training.t_sampling {how!r}; choose one of {T_SAMPLINGS}.")
+  m0, s0 = _T_DEFAULTS[how]
+  m = m0 if mean is None else float(mean)
+  s = s0 if std is None else float(std)
+  z = m + s * jax.random.normal(key, (n,))
+  if how == "logit_normal":
+    return eps + (sde.T - eps) * jax.nn.sigmoid(z)
+  return jnp.clip(sde.t_from_log_snr(-2.0 * z), eps, sde.T)
+
+
+def _lambda_eps(alpha, sigma, rates, sigma_data):
+  return jnp.ones_like(sigma)
+
+
+def _lambda_x0(alpha, sigma, rates, sigma_data):
+  return (sigma / alpha) ** 2
+
+
+def _lambda_v(alpha, sigma, rates, sigma_data):
+  return ((alpha**2 + sigma**2) / alpha) ** 2
+
+
+def _lambda_flow(alpha, sigma, rates, sigma_data):
+  da, ds = rates
+  return ((alpha * ds - da * sigma) / alpha) ** 2
+
+
+def _lambda_edm(alpha, sigma, rates, sigma_data):
+  return ((sigma / alpha) ** 2 + sigma_data**2) / sigma_data**2
+
+
+# name -> (lambda(alpha, sigma, rates, sigma_data) on the DSM loss, default t sampling, needs rates)
+LOSSES: dict[str, tuple[Callable, str, bool]] = {
+    "eps": (_lambda_eps, "uniform", False),
+    "x0": (_lambda_x0, "uniform", False),
+    "v": (_lambda_v, "uniform", False),
+    "flow_matching": (_lambda_flow, "uniform", True),
+    "edm": (_lambda_edm, "lognormal", False),
+}
+
+
+def get_weighted_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool, loss: str,
+                         reduce_mean: bool = True, parametrization=None, eps: float = 1e-5,
+                         t_sampling: Optional[str] = None, t_mean: Optional[float] = None,
+                         t_std: Optional[float] = None, sigma_data: float = 0.5) -> LossFn:
+  """The weighted denoising loss ``loss`` (a key of :data:`LOSSES`; module docstring).
+
+  t ~ ``t_sampling`` (None: the loss's default), z ~ N(0, I), x_t = alpha x_0 + sigma z,
+  (F, alpha, sigma, rates) = :func:`score_sde.models.get_network_fn` (x_t, t),
+  (target, w) = p.target(x_0, z, alpha, sigma, rates):
+  l = R((F - target)^2) w lambda(t), which equals lambda(t) R((sigma s_theta + z)^2).
+  """
+  if loss not in LOSSES:
+    raise ValueError(f"Unknown config.training.loss {loss!r}; choose one of "
+                     f"{['dsm'] + sorted(LOSSES)}.")
+  if not 0.0 <= eps < sde.T:
+    raise ValueError(f"Training eps must be in [0, T={sde.T}), got {eps}.")
+  if not float(sigma_data) > 0:
+    raise ValueError(f"config.model.sigma_data must be > 0, got {sigma_data}.")
+  weight_fn, default_t, loss_rates = LOSSES[loss]
+  how = t_sampling or default_t
+  if how not in T_SAMPLINGS:
+    raise ValueError(f"Unknown config.training.t_sampling {how!r}; choose one of {T_SAMPLINGS}.")
+  reduce_op = _reduce_op(reduce_mean)
+  p = sde_lib.get_parametrization(parametrization or sde.default_parametrization, sigma_data)
+
+  def loss_fn(key: Array, params: Any, batch: Array):
+    t_key, z_key, dropout_key = jax.random.split(key, 3)
+    model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
+    network = get_network_fn(sde, model_fn, True, p)
+    t = sample_t(t_key, batch.shape[0], sde, eps, how, t_mean, t_std)
+    z = jax.random.normal(z_key, batch.shape, batch.dtype)
+    alpha, sigma = sde.marginal_coef(t)
+    x_t = batch_mul(alpha, batch) + batch_mul(sigma, z)
+    out, alpha, sigma, rates = network(x_t, t)
+    if loss_rates and rates is None:
+      rates = sde.marginal_rates(t)[1]
+    target, w = p.target(batch, z, alpha, sigma, rates)
+    losses = reduce_op(jnp.square(out - target)) * w * weight_fn(alpha, sigma, rates,
+                                                                 float(sigma_data))
+    return jnp.mean(losses), {"losses": losses, "t": t, "noise": z}
 
   return loss_fn
 
@@ -122,13 +252,33 @@ def get_discrete_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool,
 def get_loss_fn(config, sde: sde_lib.SDE, model: nn.Module, train: bool) -> LossFn:
   """The loss ``config.training`` asks for; checks the batch shape against the config at trace time.
 
-  continuous -> :func:`get_sde_loss_fn` (reduce_mean, likelihood_weighting from the config);
-  discrete -> :func:`get_discrete_loss_fn` on the SDE's chain (an SDE without one is an error).
+  ``training.loss``: 'dsm' (default) -> :func:`get_sde_loss_fn` when continuous (reduce_mean,
+  likelihood_weighting from the config), :func:`get_discrete_loss_fn` on the SDE's chain when
+  discrete (an SDE without one is an error); any other name -> :func:`get_weighted_loss_fn`
+  (continuous only; t_sampling, t_mean, t_std, model.sigma_data from the config).
   A class-conditional model (``config.model.num_classes``) takes ``batch = {'image', 'label'}``.
   """
   tc = config.training
   parametrization = parametrization_of(config)
-  if tc.continuous:
+  loss = str(tc.get("loss", None) or "dsm")
+  if loss == "dsm" and (tc.get("t_sampling", None) or None) is not None:
+    raise ValueError("config.training.t_sampling applies to the weighted losses (training.loss "
+                     f"in {sorted(LOSSES)}); the 'dsm' loss draws t ~ U(eps, T): unset it.")
+  if loss != "dsm":
+    if loss not in LOSSES:
+      raise ValueError(f"Unknown config.training.loss {loss!r}; choose one of "
+                       f"{['dsm'] + sorted(LOSSES)}.")
+    if not tc.continuous:
+      raise ValueError(f"The {loss!r} loss is a continuous-time loss: set "
+                       "config.training.continuous=True (or training.loss='dsm').")
+    if tc.likelihood_weighting:
+      raise ValueError(f"config.training.likelihood_weighting applies to the 'dsm' loss only; the "
+                       f"{loss!r} loss has its own weighting: set likelihood_weighting=False.")
+    make_inner = lambda m: get_weighted_loss_fn(
+        sde, m, train, loss, reduce_mean=tc.reduce_mean, parametrization=parametrization,
+        t_sampling=tc.get("t_sampling", None) or None, t_mean=tc.get("t_mean", None),
+        t_std=tc.get("t_std", None), sigma_data=config.model.get("sigma_data", None) or 0.5)
+  elif tc.continuous:
     make_inner = lambda m: get_sde_loss_fn(sde, m, train, reduce_mean=tc.reduce_mean,
                                            continuous=True,
                                            likelihood_weighting=tc.likelihood_weighting,

@@ -89,7 +89,14 @@ def noise_embedding(config, labels: Array, dim: int) -> Array:
 
 
 def is_ve(config) -> bool:
-  return str(config.training.sde).lower() == "vesde"
+  """Whether the network itself normalizes VE inputs (x / sqrt(1 + sigma^2)) and, with
+  ``scale_by_sigma``, divides its output by sigma: VE training with the SDE's own parametrization.
+  A preconditioning parametrization (EDM's) does both outside the network."""
+  if str(config.training.sde).lower() != "vesde":
+    return False
+  from score_sde.parametrizations import PARAMETRIZATIONS
+  name = config.model.get("parametrization", None) or None
+  return not (name in PARAMETRIZATIONS and PARAMETRIZATIONS[name].preconditions)
 
 
 def label_sigma(config, labels: Array) -> Array:

@@ -105,15 +105,15 @@ def get_model_fn(model: nn.Module, variables: Any, train: bool = False,
   return model_fn
 
 
-def get_score_fn(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool = True,
-                 parametrization: Optional[str | Parametrization] = None):
-  """Wraps a network into ``score_fn(x [batch, ...], t [batch]) -> score``.
+def get_network_fn(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool = True,
+                   parametrization: Optional[str | Parametrization] = None):
+  """``network(x [batch, ...], t [batch]) -> (F, alpha, sigma, rates)``: the network output F in
+  its parametrization p (a name or an instance; None: the SDE's default) with the coefficients it
+  is read with, (alpha, sigma, rates) = ``sde.network_coef(t)``.
 
-  With (alpha, sigma, rates) = ``sde.network_coef(t)`` and p the :class:`Parametrization`
-  (``parametrization``, a name or an instance; None: the SDE's default):
-  score = p.to_score(F, x, alpha, sigma, rates), F = model_fn(p.network_input(x, alpha, sigma), label),
-  label = p.network_label(alpha, sigma), or the SDE's ``noise_label(t)`` (continuous) /
-  ``discrete_noise_label(t)`` (discrete) when p does not precondition (the conventions above).
+  F = model_fn(p.network_input(x, alpha, sigma), label), label = p.network_label(alpha, sigma)
+  when p preconditions, else the SDE's ``noise_label(t)`` (continuous) /
+  ``discrete_noise_label(t)`` (discrete): the conventions above. ``network.parametrization`` is p.
   """
   p = get_parametrization(parametrization or sde.default_parametrization)
   if not continuous:
@@ -123,8 +123,23 @@ def get_score_fn(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool = True,
                        "config.training.continuous=True or choose another parametrization.")
   sde_label = sde.noise_label if continuous else sde.discrete_noise_label
 
-  def score_fn(x, t):
+  def network(x, t):
     alpha, sigma, rates = sde.network_coef(t, x.dtype, continuous, p.needs_rates)
     label = p.network_label(alpha, sigma) if p.preconditions else sde_label(t)
-    return p.to_score(model_fn(p.network_input(x, alpha, sigma), label), x, alpha, sigma, rates)
+    return model_fn(p.network_input(x, alpha, sigma), label), alpha, sigma, rates
+  network.parametrization = p
+  return network
+
+
+def get_score_fn(sde: sde_lib.SDE, model_fn: ModelFn, continuous: bool = True,
+                 parametrization: Optional[str | Parametrization] = None):
+  """Wraps a network into ``score_fn(x [batch, ...], t [batch]) -> score``:
+  score = p.to_score(F, x, alpha, sigma, rates) with (F, alpha, sigma, rates) from
+  :func:`get_network_fn`."""
+  network = get_network_fn(sde, model_fn, continuous, parametrization)
+  p = network.parametrization
+
+  def score_fn(x, t):
+    out, alpha, sigma, rates = network(x, t)
+    return p.to_score(out, x, alpha, sigma, rates)
   return score_fn
