@@ -29,7 +29,8 @@ from score_sde.parametrizations import (PARAMETRIZATIONS, Parametrization, check
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
-__all__ = ["SDE", "LinearBetaSDE", "VPSDE", "subVPSDE", "VESDE", "batch_mul", "get_sde", "SDES", "PARAMETRIZATIONS",
+__all__ = ["SDE", "LinearBetaSDE", "VPSDE", "subVPSDE", "VESDE", "EDMSDE", "RectifiedFlow",
+           "CosineVPSDE", "batch_mul", "get_sde", "SDES", "PARAMETRIZATIONS",
            "check_parametrization", "output_to_score", "parametrization_target"]
 
 
@@ -452,6 +453,231 @@ class VESDE(SDE, name="vesde"):
     """(1, sigma_i) with sigma_i = flip(discrete_sigmas)[labels] (descending noise levels)."""
     sigmas = jnp.asarray(self.discrete_sigmas[::-1], dtype)[labels]
     return jnp.ones_like(sigmas), sigmas
+
+
+# --- Gaussian paths written as x_t = alpha(t) x_0 + sigma(t) n (docs/processes.md) -------------
+def _check_finite(owner: str, **values: float) -> None:
+  for arg, v in values.items():
+    try:
+      ok = np.isfinite(float(v))
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise ValueError(f"{owner} needs a finite number for {arg}, got {v!r}.")
+
+
+class EDMSDE(SDE, name="edmsde"):
+  """EDM's process (Karras et al. 2022): x_t = x_0 + t n, i.e. sigma(t) = t, s(t) = 1.
+
+      alpha(t) = 1,  sigma(t) = t,  f(x, t) = d log alpha / dt = 0,
+      g(t)^2 = d sigma^2 / dt - 2 f sigma^2 = 2 t,       so dx = sqrt(2 t) dw,
+
+  on t in [sigma_min, sigma_max]: the time *is* the noise level, ``T = sigma_max`` and
+  ``sampling_eps = sigma_min`` (set per instance). The prior is N(0, sigma_max^2 I); the true
+  marginal at T is p_0 convolved with it, and by joint convexity KL(p_T || prior) <=
+  E|x_0|^2 / (2 D sigma_max^2) nats per dimension.
+  Half log-SNR lambda(t) = -log t, so t = exp(-log_snr / 2). Networks see the noise level t itself
+  (positive, like VE's sigma) and default to EDM's preconditioning ('edm'). There is no discrete
+  chain (continuous-time training only).
+  """
+
+  default_parametrization = "edm"
+
+  def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, N: int = 1000):
+    super().__init__(N)
+    _check_finite("EDMSDE", sigma_min=sigma_min, sigma_max=sigma_max)
+    if not 0 < sigma_min < sigma_max:
+      raise ValueError(f"EDMSDE needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, "
+                       f"sigma_max={sigma_max}.")
+    self.sigma_min = float(sigma_min)
+    self.sigma_max = float(sigma_max)
+    self.T = self.sigma_max
+    self.sampling_eps = self.sigma_min
+
+  def sde(self, x, t):
+    return jnp.zeros_like(x), jnp.sqrt(2.0 * t)
+
+  def marginal_coef(self, t):
+    return jnp.ones_like(t), t
+
+  def marginal_rates(self, t):
+    """((1, t), (0, 1))."""
+    return (jnp.ones_like(t), t), (jnp.zeros_like(t), jnp.ones_like(t))
+
+  def log_snr(self, t):
+    return -2.0 * jnp.log(t)
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape) * self.sigma_max
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z, self.sigma_max)
+
+  def t_from_log_snr(self, log_snr):
+    return jnp.exp(-0.5 * log_snr)
+
+  def noise_label(self, t):
+    """The noise level sigma(t) = t."""
+    return t
+
+
+class RectifiedFlow(SDE, name="rectified_flow"):
+  """Rectified flow / flow matching's linear path (Liu et al. 2023; Lipman et al. 2023):
+
+      x_t = (1 - t) x_0 + t n,   alpha(t) = 1 - t,  sigma(t) = t,   prior N(0, I),
+      f(t) = d log alpha / dt = -1 / (1 - t),
+      g(t)^2 = d sigma^2 / dt - 2 f sigma^2 = 2 t + 2 t^2 / (1 - t) = 2 t / (1 - t).
+
+  Half log-SNR lambda(t) = log((1 - t) / t) (computed as log1p(-t) - log t), so
+  t = sigmoid(-lambda) = sigmoid(-log_snr / 2). The probability-flow velocity
+  f x - g^2 score / 2 = E[n - x_0 | x_t] stays finite as t -> 1, but f and g diverge there, and
+  at t = 1 the marginal is N(0, I) whatever the data, so a score cannot determine the velocity.
+
+  End time. The process is stopped at ``T`` < 1 (default 0.999): samplers start from the prior
+  N(0, I) at t = T, the likelihood integrates up to T and scores z = x_T under N(0, I); training
+  draws t in [eps, T]. The true marginal at T is p_T = E_{x_0} N((1 - T) x_0, T^2 I); by joint
+  convexity of KL, with e = 1 - T and m2 = E|x_0|^2 / D,
+
+      KL(p_T || N(0, I)) <= (T^2 - 1 - 2 log T) / 2 + e^2 m2 / 2 = e^2 (1 + m2 / 2) + O(e^3),
+      KL(N(0, I) || p_T) <= (1/T^2 - 1 + 2 log T) / 2 + e^2 m2 / (2 T^2)
+                          = e^2 (1 + m2 / 2) + O(e^3)
+
+  nats per dimension: 1e-6 (1 + m2 / 2) at T = 0.999. To leading order both are
+  e^2 (1 + |E x_0|^2 / (2 D)) + O(e^3) per dimension (p_T has mean e E[x_0], covariance
+  T^2 I + e^2 Cov(x_0) and higher cumulants O(e^3)), so the bound's m2 / 2 is loose. Per
+  example, log N(z; 0, I) - log p_T(z) is O(e) per dimension, of mean zero up to O(e^2): that
+  much noise in one example's likelihood (~4.5e-3 bits/dim at most on the d = 2 test mixture).
+
+  Near T the drift is stiff (f = -1/e): with N < T / e steps the PC predictors' Euler-Maruyama
+  factor 1 - dt / (1 - t), dt = T / N, is negative at t = T and the first step overshoots; but
+  x_t there carries almost no information on x_0 (alpha = e) and the exact score pulls the state
+  back in the next steps (N = 100 still samples the d = 2 test mixture at its noise floor). In
+  sigma / alpha the process spans (1e-3, 999) against EDM's (0.002, 80), so the fast samplers
+  need a few more steps than on EDMSDE for the same error.
+
+  Networks see the label 999 t (T-independent: the marginal at t does not depend on T, so
+  neither does the label; positive for t > 0) and default to the flow-matching velocity
+  u = n - x_0 ('flow').
+  """
+
+  default_parametrization = "flow"
+
+  def __init__(self, T: float = 0.999, N: int = 1000):
+    super().__init__(N)
+    _check_finite("RectifiedFlow", T=T)
+    if not 0 < T < 1:
+      raise ValueError(f"RectifiedFlow needs an end time 0 < T < 1 (its drift diverges at t = 1), "
+                       f"got T={T}.")
+    self.T = float(T)
+
+  def sde(self, x, t):
+    return batch_mul(-1.0 / (1.0 - t), x), jnp.sqrt(2.0 * t / (1.0 - t))
+
+  def marginal_coef(self, t):
+    return 1.0 - t, t
+
+  def marginal_rates(self, t):
+    """((1 - t, t), (-1, 1))."""
+    return (1.0 - t, t), (-jnp.ones_like(t), jnp.ones_like(t))
+
+  def log_snr(self, t):
+    return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape)
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z)
+
+  def t_from_log_snr(self, log_snr):
+    return jax.nn.sigmoid(-0.5 * log_snr)
+
+  def noise_label(self, t):
+    """999 t (not 999 t / T: see the class docstring)."""
+    return 999.0 * t
+
+
+class CosineVPSDE(SDE, name="cosine_vpsde"):
+  """The cosine schedule of improved DDPM (Nichol & Dhariwal 2021) as a VP SDE:
+
+      alpha(t)^2 = F(t) / F(0),  F(t) = cos^2(((t + s) / (1 + s)) pi / 2),  sigma^2 = 1 - alpha^2,
+      f(t) = d log alpha / dt = -beta(t) / 2,  g(t) = sqrt(beta(t)),
+      beta(t) = (pi / (1 + s)) tan(((t + s) / (1 + s)) pi / 2),   prior N(0, I).
+
+  With c = pi / (2 (1 + s)) and a0 = s c, they are evaluated without cancellation as
+  alpha = sin((1 - t) c) / cos(a0), sigma^2 = sin(t c) sin((t + 2 s) c) / cos(a0)^2 (from
+  cos^2 a0 - cos^2 a = sin(a - a0) sin(a + a0)) and beta = 2 c / tan((1 - t) c), accurate as
+  t -> 0 (sigma^2 ~ 2 c tan(a0) t, where 1 - alpha^2 would cancel) and as t -> 1. The inverse
+  of lambda = log(alpha / sigma) uses
+  (cos a, sin a) = (cos(a0) alpha, sqrt(sin^2 a0 + cos^2 a0 sigma^2)) and
+  t c = a - a0 = atan2(cos(a0) sigma^2 / (sin a + alpha sin a0), alpha cos^2 a0 + sin a sin a0),
+  with alpha^2 = sigmoid(log_snr), sigma^2 = sigmoid(-log_snr).
+
+  End time. beta(t) = 2 c / tan((1 - t) c) ~ 2 / (1 - t) diverges at t = 1 (alpha(1) = 0,
+  log-SNR -> -inf), so the drift and diffusion are unbounded and a sampler's first steps would
+  be arbitrarily stiff. The process stops at ``T`` = 0.9946 by default, as DPM-Solver does for
+  this schedule: there alpha(T) ~ 8.4e-3 (lambda(T) ~ -4.8, close to the VP SDE's -5.0 at
+  T = 1), beta(T) ~ 3.7e2 (beta(T) T / (2 N) ~ 0.18 for the PC predictors' Euler step at
+  N = 1000) and the prior N(0, I) differs from the marginal by
+  KL <= alpha(T)^2 m2 / 2 + O(alpha(T)^4) ~ 3.5e-5 m2 nats per dimension, either way round,
+  m2 = E|x_0|^2 / D (joint convexity, as for :class:`RectifiedFlow`). Networks see 999 t (VP's
+  999 t / T at T = 1, but T-independent, as for :class:`RectifiedFlow`) and predict eps.
+  """
+
+  def __init__(self, s: float = 0.008, T: float = 0.9946, N: int = 1000):
+    super().__init__(N)
+    _check_finite("CosineVPSDE", s=s, T=T)
+    if not s >= 0:
+      raise ValueError(f"CosineVPSDE needs an offset s >= 0, got s={s}.")
+    if not 0 < T < 1:
+      raise ValueError(f"CosineVPSDE needs an end time 0 < T < 1 (beta(t) diverges at t = 1), "
+                       f"got T={T}.")
+    self.s = float(s)
+    self.T = float(T)
+    self._c = np.pi / (2.0 * (1.0 + self.s))
+    self._a0 = self.s * self._c
+    self._cos_a0, self._sin_a0 = np.cos(self._a0), np.sin(self._a0)
+
+  def beta(self, t: Array) -> Array:
+    """beta(t) = -2 d log alpha / dt = 2 c / tan((1 - t) c)."""
+    return 2.0 * self._c / jnp.tan((1.0 - t) * self._c)
+
+  def sde(self, x, t):
+    beta_t = self.beta(t)
+    return -0.5 * batch_mul(beta_t, x), jnp.sqrt(beta_t)
+
+  def marginal_coef(self, t):
+    alpha = jnp.sin((1.0 - t) * self._c) / self._cos_a0
+    sigma = jnp.sqrt(jnp.sin(t * self._c) * jnp.sin((t + 2.0 * self.s) * self._c)) / self._cos_a0
+    return alpha, sigma
+
+  def marginal_rates(self, t):
+    """d alpha / dt = -alpha beta / 2, d sigma / dt = alpha^2 beta / (2 sigma)."""
+    alpha, sigma = self.marginal_coef(t)
+    half_beta = 0.5 * self.beta(t)
+    return (alpha, sigma), (-alpha * half_beta, alpha**2 * half_beta / sigma)
+
+  def log_snr(self, t):
+    return 2.0 * (jnp.log(jnp.sin((1.0 - t) * self._c))
+                  - 0.5 * (jnp.log(jnp.sin(t * self._c))
+                           + jnp.log(jnp.sin((t + 2.0 * self.s) * self._c))))
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape)
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z)
+
+  def t_from_log_snr(self, log_snr):
+    alpha = jnp.exp(-0.5 * jax.nn.softplus(-log_snr))   # sqrt(sigmoid(log_snr))
+    var = jax.nn.sigmoid(-log_snr)                      # sigma^2
+    ca, sa = self._cos_a0, self._sin_a0
+    sin_a = jnp.sqrt(sa**2 + ca**2 * var)
+    return jnp.arctan2(ca * var / (sin_a + alpha * sa), alpha * ca**2 + sin_a * sa) / self._c
+
+  def noise_label(self, t):
+    """999 t (see the class docstring)."""
+    return 999.0 * t
 
 
 def get_sde(config) -> SDE:
