@@ -463,7 +463,7 @@ def _check_finite(owner: str, **values: float) -> None:
     except (TypeError, ValueError):
       ok = False
     if not ok:
-      raise ValueError(f"{owner} needs a finite number for {arg}, got {v!r}.")
+      raise ValueError(f"{owner} needs a finite number for {arg}, got {arg}={v!r}.")
 
 
 class EDMSDE(SDE, name="edmsde"):
