@@ -1,0 +1,6 @@
+"""EDM on CIFAR-10 with DDPM++ (EDM's "VP" setup, Table 7 config F); see configs/default_edm_cifar10_configs.py."""
+from configs.default_edm_cifar10_configs import get_edm_config
+
+
+def get_config():
+  return get_edm_config("ddpmpp")
