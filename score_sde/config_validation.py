@@ -394,6 +394,8 @@ FIELDS: dict[str, Check] = {
     "model.normalization": _choice(NORMALIZATIONS),
     "model.resamp_with_conv": _bool(),
     "model.skip_rescale": _bool(),
+    "model.T": _pos(optional=True, hint="end time of rectified_flow / cosine_vpsde, below 1"),
+    "model.s": _pos(optional=True, hint="cosine_vpsde's offset s"),
     "model.resblock_type": _choice(_ncsnpp("RESBLOCK_TYPES"), lower=True),
     "model.progressive": _choice(_ncsnpp("PROGRESSIVE"), lower=True),
     "model.progressive_input": _choice(_ncsnpp("PROGRESSIVE_INPUT"), lower=True),
@@ -608,7 +610,7 @@ def _cross_checks(errors: list[str], config, bad: set[str], num_devices: int) ->
 
 
 _SDE_FIELDS = ("training.sde", "model.num_scales", "model.sigma_min", "model.sigma_max",
-               "model.beta_min", "model.beta_max")
+               "model.beta_min", "model.beta_max", "model.T", "model.s")
 
 
 def validate_config(config, num_devices: Optional[int] = None) -> None:
