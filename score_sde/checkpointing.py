@@ -18,20 +18,29 @@ What every checkpoint guarantees:
   :class:`OSError` naming the directory and what to do; earlier steps stay intact.
 * **Restores fall back.** :meth:`Checkpoints.restore_latest` restores the newest readable step,
   saying which unreadable ones it skipped; a partial or corrupt directory never blocks a restart.
+* **Optional fields stay optional.** A dataclass state is written as the dict of its fields that
+  are not None, so a field declared ``= None`` (``TrainState.power_emas``) and left None changes
+  nothing on disk: the checkpoint is exactly the one written before the field existed, and such
+  checkpoints restore. Restoring returns the fields both sides have; a field with a None default
+  that only the checkpoint has is dropped, one only the target has comes back None (a caller
+  that needs it, like the Trainer resuming training, checks with :meth:`Checkpoints.stored_fields`
+  or the ``check`` hook of :meth:`Checkpoints.restore`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging as py_logging
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from score_sde.parametrizations import get_parametrization
 from score_sde.utils import data_shape, parametrization_of
@@ -100,6 +109,32 @@ def _classify(e: BaseException) -> Optional[str]:
   return None
 
 
+def _saved_tree(state: Any) -> Any:
+  """What is written for ``state``: a dataclass as the dict of its fields that are not None (the
+  tree orbax writes for a dataclass, minus the None fields); anything else as it is."""
+  if dataclasses.is_dataclass(state) and not isinstance(state, type):
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if getattr(state, f.name) is not None}
+  return state
+
+
+def _optional_fields(state: Any) -> set[str]:
+  """The fields of a dataclass state whose default is None."""
+  if dataclasses.is_dataclass(state) and not isinstance(state, type):
+    return {f.name for f in dataclasses.fields(state) if f.default is None}
+  return set()
+
+
+def _item_tree(manager, step: int) -> Any:
+  """The metadata tree of ``step`` of ``manager`` (shapes and dtypes; no array is read)."""
+  with _quiet_orbax():
+    meta = manager.item_metadata(step)
+    if meta is None:  # a manager that has not saved or restored this item does not know its handler
+      meta = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(str(manager.directory)) / str(step) / "default")
+  return getattr(meta, "tree", meta)
+
+
 class _QuietOrbax(py_logging.Filter):
   def filter(self, record):
     return "/orbax/" not in record.pathname
@@ -154,6 +189,7 @@ class Checkpoints:
     manager = self.snapshots if snapshot else self.preemption
     directory = str(manager.directory)
     custom = {"fingerprint": self.fingerprint} if self.fingerprint is not None else None
+    state = _saved_tree(state)
     try:
       with _quiet_orbax():
         if step in manager.all_steps():
@@ -196,7 +232,7 @@ class Checkpoints:
   def _verify(manager, step: int, state: Any) -> None:
     """The saved step's metadata reads back and lists the state's array shapes."""
     try:
-      tree = manager.item_metadata(step).tree
+      tree = _item_tree(manager, step)
       stored = sorted(tuple(m.shape) for m in jax.tree.leaves(tree, is_leaf=lambda m: hasattr(
           m, "shape")))
     except Exception as e:  # pylint: disable=broad-except
@@ -252,26 +288,65 @@ class Checkpoints:
                              "(a deliberate transfer).")
 
   # --- restoring ---------------------------------------------------------------------------------
-  def restore(self, step: int, target: Any, snapshot_only: bool = False) -> Any:
+  def stored_tree(self, step: int, snapshot_only: bool = False) -> Any:
+    """The metadata tree (shapes and dtypes, nothing read) of the state stored at ``step``."""
+    return _item_tree(self._manager_of(step, snapshot_only), step)
+
+  def stored_fields(self, step: int, snapshot_only: bool = False) -> set[str]:
+    """The top-level fields (keys) of the state stored at ``step``."""
+    tree = self.stored_tree(step, snapshot_only)
+    return set(tree.keys()) if hasattr(tree, "keys") else set()
+
+  def restore(self, step: int, target: Any, snapshot_only: bool = False,
+              check: Optional[Callable[[int, set], None]] = None) -> Any:
     """Restores ``step`` into the structure, shapes and shardings of ``target`` (after checking
-    its fingerprint)."""
+    its fingerprint, and calling ``check(step, stored_fields)``, which may raise
+    :class:`CheckpointMismatch`). Optional fields (module docstring) present on one side only are
+    not returned: one only the checkpoint has is read and dropped, one only the target has comes
+    back None."""
     manager = self._manager_of(step, snapshot_only)
     self.check_fingerprint(step, snapshot_only)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    saved = _saved_tree(target)
+    optional = _optional_fields(target)
+    keep = None
+    if optional or check is not None:
+      stored = self.stored_fields(step, snapshot_only)
+      if check is not None:
+        check(step, stored)
+      if optional and isinstance(saved, dict) and set(saved) != stored:
+        keep = {k for k in saved if k in stored}
+        saved = {k: v for k, v in saved.items() if k in stored or k not in optional}
+        extra = (stored - set(saved)) & optional
+        if extra:   # the restore item must match the stored tree: read those too, then drop them
+          tree = self.stored_tree(step, snapshot_only)
+          sharding = getattr(jax.tree.leaves(target)[0], "sharding", None)
+          for k in extra:
+            saved[k] = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree[k],
+                is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
     with _quiet_orbax():
-      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    if dataclasses.is_dataclass(target):
+      keep = set(restored) if keep is None else keep
+      return dataclasses.replace(target, **{f.name: restored[f.name] if f.name in keep else None
+                                            for f in dataclasses.fields(target)})
+    return restored
 
-  def restore_latest(self, target: Any, snapshot_only: bool = False) -> tuple[Optional[int], Any]:
+  def restore_latest(self, target: Any, snapshot_only: bool = False,
+                     check: Optional[Callable[[int, set], None]] = None
+                     ) -> tuple[Optional[int], Any]:
     """(step, state) of the newest readable checkpoint, or (None, target) when there is none.
 
     Unreadable steps are skipped with a warning naming the step used instead; a fingerprint
-    mismatch is not "unreadable": it raises.
+    mismatch (or a :class:`CheckpointMismatch` from ``check``, see :meth:`restore`) is not
+    "unreadable": it raises.
     """
     steps = self.snapshot_steps() if snapshot_only else self.all_steps()
     skipped = []
     for step in reversed(steps):
       try:
-        state = self.restore(step, target, snapshot_only)
+        state = self.restore(step, target, snapshot_only, check)
       except CheckpointMismatch:
         raise
       except Exception as e:  # pylint: disable=broad-except
