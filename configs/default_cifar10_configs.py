@@ -38,6 +38,9 @@ def add_runtime_fields(config: ml_collections.ConfigDict) -> ml_collections.Conf
   evaluate.rtol = 1e-5
   evaluate.atol = 1e-5
   add_image_eval_fields(evaluate)         # FID / IS / KID of image samples
+  evaluate.sigma_rel = placeholder(float)  # a post-hoc EMA width: eval / sample its reconstruction
+  config.training.posthoc_ema_every = 0          # post-hoc EMA snapshots every this many steps
+  config.training.posthoc_ema_sigma_rels = (0.05, 0.10)  # (docs/posthoc_ema.md); 0: off
   config.data.data_dir = placeholder(str)  # None: tfds' default data directory
   config.model.dtype = "float32"                # 'bfloat16': bf16 compute, f32 params / output
   return config

@@ -20,6 +20,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.eval_freq = 500
   training.snapshot_freq = 8000      # kept checkpoints (each one is evaluated by --mode eval)
   training.snapshot_freq_for_preemption = 1000  # rolling checkpoint, overwritten
+  training.posthoc_ema_every = 0     # post-hoc EMA snapshots every this many steps; 0: off
+  training.posthoc_ema_sigma_rels = (0.05, 0.10)  # tracked power-EMA widths (docs/posthoc_ema.md)
   training.snapshot_sampling = True
   training.max_to_keep = 5
   training.likelihood_weighting = False
@@ -61,6 +63,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.hutchinson_type = "exact"  # exact trace is cheap in 2-D
   evaluate.rtol = 1e-5
   evaluate.atol = 1e-5
+  evaluate.sigma_rel = placeholder(float)  # a post-hoc EMA width: eval / sample its reconstruction
   add_image_eval_fields(evaluate)         # FID / IS / KID of image samples
 
   config.data = data = ml_collections.ConfigDict()

@@ -270,6 +270,9 @@ ACTIVATIONS = ("elu", "relu", "lrelu", "swish")
 NORMALIZATIONS = ("GroupNorm", "InstanceNorm", "InstanceNorm++", "VarianceNorm")
 
 _MULTIPLE = "a multiple of config.training.n_jitted_steps"
+# The widest power-function EMA, gamma = 0 (the running mean): sigma_rel = 1/sqrt(12)
+# (score_sde.posthoc_ema.SIGMA_REL_MAX); post-hoc EMA widths lie below it.
+_SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
 
 # Every field of every shipped config, and the optional ones the code reads. Keys are paths
 # below ``config``; see docs/configs.md for what each field means.
@@ -283,6 +286,14 @@ FIELDS: dict[str, Check] = {
     "training.batch_size": _int(required=True, hint="the global batch over all devices"),
     "training.n_iters": _int(required=True, hint=_MULTIPLE),
     "training.n_jitted_steps": _int(required=True),
+    "training.posthoc_ema_every": _int(min=0, optional=True, hint=(
+        "post-hoc EMA snapshots every this many steps (docs/posthoc_ema.md); 0 or None: off; "
+        "a multiple of config.training.n_jitted_steps")),
+    "training.posthoc_ema_sigma_rels": Check(
+        "floats", gt=0, lt=_SIGMA_REL_MAX, nonempty=True, optional=True,
+        rule=(lambda v: len({f"{float(x):.6g}" for x in v}) == len(v),
+              "distinct to 6 significant digits"),
+        hint="widths of the tracked power-function EMAs; < 1/sqrt(12) so that gamma > 0"),
     "training.log_freq": _int(required=True, hint=_MULTIPLE),
     "training.eval_freq": _int(hint="unused: evaluation runs as --mode eval; kept from the "
                                     "reference configs"),
@@ -344,6 +355,9 @@ FIELDS: dict[str, Check] = {
     "eval.kid_num_features": _int(),
     "eval.is_splits": _int(),
     "eval.progress_secs": _float(min=0),
+    "eval.sigma_rel": _float(gt=0, lt=_SIGMA_REL_MAX, optional=True, hint=(
+        "the post-hoc EMA width --mode posthoc_ema reconstructs and eval / sample read; "
+        "< 1/sqrt(12) so that gamma > 0; None: the run's own checkpoints")),
     # --- data ---
     "data.dataset": Check("str", required=True, hint="see score_sde.datasets.available_datasets()"),
     "data.category": Check("str", optional=True, hint="LSUN category, e.g. 'church_outdoor'"),
@@ -565,7 +579,8 @@ def _cross_checks(errors: list[str], config, bad: set[str], num_devices: int) ->
                     f"{jax.process_count()} processes.")
   n = _get(config, "training.n_jitted_steps")
   if ok("training.n_jitted_steps") and n is not None:
-    for field in ("n_iters", "log_freq", "snapshot_freq", "snapshot_freq_for_preemption"):
+    for field in ("n_iters", "log_freq", "snapshot_freq", "snapshot_freq_for_preemption",
+                  "posthoc_ema_every"):
       value = _get(config, f"training.{field}")
       if ok(f"training.{field}") and value is not None and value % n:
         errors.append(f"config.training.{field}={value} must be a multiple of "

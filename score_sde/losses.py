@@ -427,13 +427,19 @@ class TrainState:
   """Everything training carries: a plain pytree.
 
   step: int32 scalar, number of updates applied; params / ema_params: the network's 'params'
-  collection and its EMA; opt_state: the optax state; key: raw uint32 PRNG key data [2].
+  collection and its EMA; opt_state: the optax state; key: raw uint32 PRNG key data [2];
+  power_emas: the post-hoc EMA's power-function EMAs
+  (:class:`score_sde.posthoc_ema.PowerEMAs`) when ``config.training.posthoc_ema_every > 0``, else
+  None. A None field has no leaves and is not written to checkpoints
+  (:mod:`score_sde.checkpointing`), so a state without post-hoc EMAs has exactly the tree, and
+  writes exactly the checkpoints, of the state before the field existed.
   """
   step: Array
   params: Any
   opt_state: Any
   ema_params: Any
   key: Array
+  power_emas: Any = None
 
 
 def _params_of(variables: Any) -> Any:
@@ -448,13 +454,17 @@ def _params_of(variables: Any) -> Any:
 
 def init_train_state(config, variables: Any, key: Array) -> TrainState:
   """Fresh state: step 0, params = variables['params'], EMA = params, optimizer state of
-  :func:`get_optimizer`."""
+  :func:`get_optimizer`; with ``config.training.posthoc_ema_every > 0`` also one power EMA per
+  ``config.training.posthoc_ema_sigma_rels`` (copies of params), else ``power_emas=None``."""
+  from score_sde import posthoc_ema
   params = _params_of(variables)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
+  every, sigma_rels = posthoc_ema.tracking_of(config)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=get_optimizer(config).init(params),
-                    ema_params=jax.tree.map(jnp.array, params), key=jnp.asarray(key))
+                    ema_params=jax.tree.map(jnp.array, params), key=jnp.asarray(key),
+                    power_emas=posthoc_ema.init_power_emas(params, sigma_rels) if every else None)
 
 
 def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module,
@@ -470,7 +480,15 @@ def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module,
   caller may shard the batch however it likes. With config.training.nan_policy == 'skip' an update
   whose loss or gradient is not finite leaves params, EMA and optimizer state unchanged (step and
   key still advance); with 'stop' (default) it is applied and the caller stops on the metrics.
+
+  With ``config.training.posthoc_ema_every > 0`` the state's power EMAs are updated too
+  (:func:`score_sde.posthoc_ema.update_power_emas`, t = step + 1) with the params the state keeps
+  after this update, so a skipped update counts as a step at the unchanged params and each EMA stays
+  exactly sum_tau w_tau theta_tau over the params the state held.
   """
+  from score_sde import posthoc_ema
+  every, sigma_rels = posthoc_ema.tracking_of(config)
+  gammas = [float(g) for g in posthoc_ema.sigma_rel_to_gamma(sigma_rels)] if every else None
   loss_fn = loss_fn or get_loss_fn(config, sde, model, train=True)
   tx = get_optimizer(config)
   schedule = get_lr_schedule(config)
@@ -495,8 +513,16 @@ def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module,
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
       params, opt_state, ema_params = keep((params, opt_state, ema_params),
                                            (state.params, state.opt_state, state.ema_params))
+    power_emas = state.power_emas
+    if (power_emas is None) != (gammas is None):
+      raise ValueError("config.training.posthoc_ema_every is "
+                       f"{'> 0' if gammas else '0'} but the train state "
+                       f"{'has no' if gammas else 'has'} power EMAs; build the state with "
+                       "init_train_state of the same config.")
+    if gammas is not None:
+      power_emas = posthoc_ema.update_power_emas(power_emas, params, state.step + 1, gammas)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema_params, key=key)
+                              ema_params=ema_params, key=key, power_emas=power_emas)
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "lr": jnp.asarray(schedule(state.step), jnp.float32), **aux.get("metrics", {})}
     return new_state, metrics
