@@ -6,7 +6,11 @@
 
 --mode: train | eval | sample | all (train, then eval, then sample; the default) | fid_stats
 (reference Inception statistics of config.eval.fid_stats_split, written to config.eval.stats_path
-or <workdir>/fid_stats/<dataset>_<split>_<size>.npz; see docs/evaluation.md).
+or <workdir>/fid_stats/<dataset>_<split>_<size>.npz; see docs/evaluation.md) | posthoc_ema (the
+EMA of width config.eval.sigma_rel reconstructed from the snapshots a run with
+config.training.posthoc_ema_every > 0 stored, written as a checkpoint of
+<workdir>/posthoc_ema/sigma_rel_<x>; with config.eval.sigma_rel set, eval and sample read that
+reconstruction, and all reconstructs it after training; see docs/posthoc_ema.md).
 --import_checkpoint=/path/to/checkpoint_26 first writes a released score_sde (JAX) checkpoint, or a
 score_sde_pytorch checkpoint_<N>.pth, into --workdir (score_sde/checkpoint_import.py; see
 docs/networks.md), e.g.
@@ -39,12 +43,14 @@ def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv: list[str] | No
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and results.",
                       **fv)
   flags.DEFINE_enum("mode", "all", ["train", "eval", "sample", "all", "fid_stats",
-                                    "train_classifier"],
+                                    "train_classifier", "posthoc_ema"],
                     "What to run (train_classifier: the noise-conditional classifier for "
                     "classifier guidance, checkpoints in <workdir>/classifier; "
-                    "docs/controllable.md).", **fv)
+                    "docs/controllable.md; posthoc_ema: reconstruct the EMA of "
+                    "config.eval.sigma_rel, docs/posthoc_ema.md).", **fv)
   flags.DEFINE_integer("checkpoint", None, "Step of the checkpoint to sample from (default: "
-                       "newest).", **fv)
+                       "newest); with --mode posthoc_ema, the snapshot step to reconstruct at.",
+                       **fv)
   flags.DEFINE_string("import_checkpoint", None,
                       "A released score_sde JAX checkpoint or score_sde_pytorch .pth (file, or "
                       "directory of checkpoint_<N>[.pth]) to import into --workdir before running "
@@ -71,6 +77,7 @@ def main(argv):
   from score_sde import distributed, train
   from score_sde.checkpointing import CheckpointMismatch
   from score_sde.config_validation import validate_config
+  from score_sde import posthoc_ema
   from score_sde.evaluation import evaluate
   from score_sde.signals import Interrupted, StopSignals
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -83,6 +90,12 @@ def main(argv):
   logging.info("JAX %s: %d process(es), %d device(s) (%s).", jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
   validate_config(config)  # every problem is named before anything is written
+  # Post-hoc EMA: with config.eval.sigma_rel, eval / sample read the reconstruction's workdir.
+  sigma_rel = config.eval.get("sigma_rel", None)
+  problem, eval_workdir = posthoc_ema.check_invocation(config, FLAGS.workdir, FLAGS.mode)
+  if problem:
+    logging.error("%s", problem)
+    sys.exit(1)
 
   def write_config():
     train.check_writable(FLAGS.workdir)
@@ -104,10 +117,14 @@ def main(argv):
   mismatch = dict(allow_config_mismatch=FLAGS.allow_config_mismatch)
   if FLAGS.mode in ("train", "all"):
     phases.append(("train", lambda: train.train(config, FLAGS.workdir, **mismatch)))
+  if FLAGS.mode == "posthoc_ema" or (FLAGS.mode == "all" and sigma_rel is not None):
+    phases.append(("posthoc_ema", lambda: posthoc_ema.run_posthoc_ema(
+        config, FLAGS.workdir, FLAGS.checkpoint if FLAGS.mode == "posthoc_ema" else None,
+        **mismatch)))
   if FLAGS.mode in ("eval", "all"):
-    phases.append(("eval", lambda: evaluate.run_eval(config, FLAGS.workdir, **mismatch)))
+    phases.append(("eval", lambda: evaluate.run_eval(config, eval_workdir, **mismatch)))
   if FLAGS.mode in ("sample", "all"):
-    phases.append(("sample", lambda: evaluate.run_sample(config, FLAGS.workdir, FLAGS.checkpoint,
+    phases.append(("sample", lambda: evaluate.run_sample(config, eval_workdir, FLAGS.checkpoint,
                                                          **mismatch)))
   # One signal policy for every mode (score_sde/signals.py): SIGTERM / SIGINT end the phase in
   # flight at a safe point, later phases do not start, the exit status is 128 + the signal.

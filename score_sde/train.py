@@ -21,9 +21,9 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from score_sde import classifier, conditional, datasets, likelihood, losses, sde_lib
+from score_sde import classifier, conditional, datasets, likelihood, losses, posthoc_ema, sde_lib
 from score_sde import sampling as sampling_lib
-from score_sde.checkpointing import Checkpoints, run_fingerprint
+from score_sde.checkpointing import CheckpointMismatch, Checkpoints, run_fingerprint
 from score_sde.config_validation import validate_config
 from score_sde.models import create_model, get_model_fn, get_score_fn
 from score_sde.signals import StopSignals
@@ -83,6 +83,7 @@ class Trainer:
     self._sample_fns: dict[int, Callable] = {}
     self._likelihood_fns: dict[tuple, Callable] = {}
     self.checkpoints = None
+    self.allow_config_mismatch = bool(allow_config_mismatch)
     if workdir:
       check_writable(workdir)
       fingerprint = run_fingerprint(config, self.sde, task.name or config.model.name, state.params)
@@ -97,13 +98,78 @@ class Trainer:
                         parametrization=parametrization_of(self.config))
 
   def restore(self) -> int:
-    """Restores the newest checkpoint in the workdir, if any; returns the step reached."""
+    """Restores the newest checkpoint in the workdir, if any, to resume training; returns the step
+    reached.
+
+    The post-hoc EMA tracking of the checkpoint and the config must agree (both off, or the same
+    ``posthoc_ema_sigma_rels``), else :class:`CheckpointMismatch` naming the fields to set. With
+    ``allow_config_mismatch`` a checkpoint without tracked EMAs (an older run, an import) resumes
+    with tracking starting from its params (the power EMAs then treat those params as the params
+    of every earlier step), and tracked EMAs the config does not ask for are dropped.
+    """
     if self.checkpoints is not None:
-      step, state = self.checkpoints.restore_latest(self.state)
+      step, state = self.checkpoints.restore_latest(self.state, check=self._check_tracking)
       if step is not None:
-        self.state = state
+        self.state = self._resume_tracking(step, state)
         logging.info("Restored checkpoint at step %d from %s.", step, self.workdir)
     return int(jax.device_get(self.state.step))
+
+  def _tracking_text(self) -> str:
+    every, rels = posthoc_ema.tracking_of(self.config)
+    return (f"config.training.posthoc_ema_every={every}" if not every else
+            f"config.training.posthoc_ema_every={every}, posthoc_ema_sigma_rels={rels}")
+
+  def _check_tracking(self, step: int, stored: set) -> None:
+    """Raises CheckpointMismatch when checkpoint ``step`` and the config disagree on post-hoc EMA
+    tracking (unless allowed: then :meth:`_resume_tracking` adapts the restored state)."""
+    want, has = self.state.power_emas is not None, "power_emas" in stored
+    where = f"The checkpoint of step {step} under {self.workdir}"
+    if want and has:
+      count = len(self.state.power_emas.emas)
+      tree = self.checkpoints.stored_tree(step)
+      stored_count = int(np.prod(tree["power_emas"]["sigma_rels"].shape))
+      if stored_count != count:
+        raise CheckpointMismatch(
+            f"{where} tracks {stored_count} post-hoc EMAs, this config {count} "
+            f"({self._tracking_text()}): resume with the run's posthoc_ema_sigma_rels.")
+      return
+    if want == has or self.allow_config_mismatch:
+      return
+    if has:
+      raise CheckpointMismatch(
+          f"{where} tracks post-hoc EMAs but this config does not ({self._tracking_text()}): "
+          "resume with the run's --config.training.posthoc_ema_every and posthoc_ema_sigma_rels "
+          "(or pass --allow_config_mismatch to drop the tracked EMAs).")
+    raise CheckpointMismatch(
+        f"{where} has no post-hoc EMAs but this config tracks them ({self._tracking_text()}): "
+        "resume with --config.training.posthoc_ema_every=0, or start the tracked run in a fresh "
+        "--workdir (or pass --allow_config_mismatch to start tracking at this step).")
+
+  def _resume_tracking(self, step: int, state):
+    """The restored state with the power EMAs the config asks for (see :meth:`restore`)."""
+    every, rels = posthoc_ema.tracking_of(self.config)
+    if not every:
+      if "power_emas" in self.checkpoints.stored_fields(step):
+        logging.warning("Dropped the post-hoc EMAs of the checkpoint of step %d "
+                        "(--allow_config_mismatch; %s).", step, self._tracking_text())
+      return state
+    fresh = "starting"
+    if state.power_emas is not None:
+      stored = np.asarray(jax.device_get(state.power_emas.sigma_rels), np.float64)
+      if np.allclose(stored, np.asarray(rels, np.float32), rtol=1e-6, atol=0):
+        return state
+      if not self.allow_config_mismatch:
+        raise CheckpointMismatch(
+            f"The checkpoint of step {step} under {self.workdir} tracks post-hoc EMAs of "
+            f"sigma_rel {stored.round(6).tolist()}, this config {list(rels)}: resume with "
+            "--config.training.posthoc_ema_sigma_rels of the run (or pass "
+            "--allow_config_mismatch to restart tracking at this step).")
+      fresh = "restarting"
+    logging.warning("Post-hoc EMA tracking %s at step %d from the restored params "
+                    "(--allow_config_mismatch): the EMAs treat them as the params of every "
+                    "earlier step.", fresh, step)
+    return state.replace(power_emas=jax.device_put(
+        posthoc_ema.init_power_emas(state.params, rels), self.replicated))
 
   def close(self) -> None:
     """Closes the checkpoint managers (waits for pending writes)."""
@@ -177,7 +243,18 @@ class Trainer:
     """
     cfg = self.config.training
     n = int(cfg.n_jitted_steps)
+    if self.workdir and posthoc_ema.is_reconstruction(self.workdir):
+      raise CheckpointMismatch(f"{self.workdir} holds a post-hoc EMA reconstruction "
+                       f"({posthoc_ema.MARKER}): evaluate or sample it; train in the run's "
+                       "own --workdir.")
     step = self.restore()
+    every = posthoc_ema.tracking_of(self.config)[0]
+    if every and self.workdir and jax.process_index() == 0:
+      # Snapshots after the restored step belong to the run's lost future: it writes them again.
+      removed = posthoc_ema.remove_snapshots_after(posthoc_ema.snapshot_dir(self.workdir), step)
+      if removed:
+        logging.warning("Removed post-hoc EMA snapshots of steps %s (after the restored step %d); "
+                        "they are rewritten as training resumes.", removed, step)
     if step >= cfg.n_iters:
       logging.info("Already trained to step %d >= n_iters=%d.", step, cfg.n_iters)
       return {}
@@ -212,6 +289,9 @@ class Trainer:
             for k, v in last.items():
               writer.add_scalar(f"train/{k}", v, step)
             writer.add_scalar("train/steps_per_sec", rate, step)
+        if every and self.checkpoints is not None and (step % every == 0
+                                                       or step == cfg.n_iters):
+          self._save_posthoc_snapshots(step)
         if self.checkpoints is not None:
           if step % cfg.snapshot_freq == 0 or step == cfg.n_iters:
             self.checkpoints.save(step, self.state, snapshot=True)
@@ -229,6 +309,16 @@ class Trainer:
     if writer:
       writer.close()
     return last
+
+  def _save_posthoc_snapshots(self, step: int) -> None:
+    """One snapshot per tracked power EMA (params only) under <workdir>/posthoc_ema
+    (:func:`score_sde.posthoc_ema.save_snapshot`: atomic, read back)."""
+    if jax.process_index() != 0:
+      return
+    directory = posthoc_ema.snapshot_dir(self.workdir)
+    _, rels = posthoc_ema.tracking_of(self.config)
+    for rel, ema in zip(rels, self.state.power_emas.emas):
+      posthoc_ema.save_snapshot(directory, step, rel, ema, self.checkpoints.fingerprint)
 
   def _snapshot_samples(self, key, step: int, writer) -> None:
     samples, nfe = self.sample(key, int(self.config.sampling.num_samples))
