@@ -29,12 +29,12 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.reduce_mean = True
   training.sde = "vpsde"
   training.nan_policy = "stop"       # 'stop' | 'skip' non-finite updates
-
-  config.sampling = sampling = ml_collections.ConfigDict()
   training.loss = "dsm"              # 'dsm' | 'eps' | 'x0' | 'v' | 'flow_matching' | 'edm'
   training.t_sampling = placeholder(str)   # None: the loss's ('uniform'; 'lognormal' for 'edm')
   training.t_mean = placeholder(float)     # logit_normal / lognormal location (None: 0 / -1.2)
   training.t_std = placeholder(float)      # logit_normal / lognormal scale (None: 1 / 1.2)
+
+  config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = "pc"             # any name in score_sde.sampling.available_samplers()
   sampling.predictor = "euler_maruyama"
   sampling.corrector = "none"
@@ -85,11 +85,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.fourier_scale = 1.0          # of log(label): a smooth time embedding
   model.scale_by_sigma = True
   model.ema_rate = 0.999
+  model.parametrization = placeholder(str)  # None: the SDE's ('eps' VP, 'score' VE, 'edm' EDM)
+  model.sigma_data = 0.5             # EDM preconditioning / loss
   model.dropout = 0.0
   model.sigma_min = 0.01
   model.sigma_max = 12.0
-  model.parametrization = placeholder(str)  # None: the SDE's ('eps' VP, 'score' VE, 'edm' EDM)
-  model.sigma_data = 0.5             # EDM preconditioning / loss
   model.num_scales = 1000
   model.beta_min = 0.1
   model.beta_max = 20.0

@@ -27,13 +27,22 @@ from score_sde.sampling import get_sampler
 from score_sde.train import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/recipes_toy", "One subdirectory per recipe (resumable).")
-flags.DEFINE_list("recipes", ["vp", "edm", "rectified_flow"], "configs/toy/<name>.py to compare.")
-flags.DEFINE_integer("steps", 8000, "Training steps of every recipe.")
-flags.DEFINE_list("nfes", ["10", "20", "35"], "NFE grid of the sampler sweep.")
-flags.DEFINE_integer("num_samples", 2000, "Samples per energy distance (and held-out points).")
-flags.DEFINE_integer("num_bpd", 2000, "Test points for bits/dim.")
-flags.DEFINE_string("out", None, "Write the JSON result here.")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags (called when it runs: importing it defines none)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("workdir", "runs/recipes_toy", "One subdirectory per recipe (resumable).",
+                      **fv)
+  flags.DEFINE_list("recipes", ["vp", "edm", "rectified_flow"],
+                    "configs/toy/<name>.py to compare.", **fv)
+  flags.DEFINE_integer("steps", 8000, "Training steps of every recipe.", **fv)
+  flags.DEFINE_list("nfes", ["10", "20", "35"], "NFE grid of the sampler sweep.", **fv)
+  flags.DEFINE_integer("num_samples", 2000, "Samples per energy distance (and held-out points).",
+                       **fv)
+  flags.DEFINE_integer("num_bpd", 2000, "Test points for bits/dim.", **fv)
+  flags.DEFINE_string("out", None, "Write the JSON result here.", **fv)
+
 
 SWEEP = {"heun": {}, "dpm_solver_pp": {"order": 2, "method": "multistep"}}
 
@@ -99,4 +108,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
