@@ -10,7 +10,10 @@ the samples the same way, so that with the same flags their numbers are directly
   ordinary training loop or reused from ``--workdir``), the feature classifier
   (:mod:`score_sde.evaluation.mnist_features`, cached in ``--workdir``), the classifier features of
   ``--num_samples`` held-out reference test images, the real-vs-real noise floor and the
-  uniform-noise ceiling. :meth:`Prepared.fd` scores a sample set.
+  uniform-noise ceiling. :meth:`Prepared.fd` scores a sample set. Its two halves,
+  :func:`get_score_model` (any configs/mnist config: ``mnist_config(s, config_module)``) and
+  :func:`prepare_reference` (everything but the score model), serve scripts that compare several
+  score models against one classifier (``recipes_mnist``).
 * :func:`prior_noise`: x_T and the sampling / bits/dim keys, the same for every run with the same
   seed, ``--num_samples`` and batch.
 * :func:`draw_samples`: one sampler over all batches, compiled once.
@@ -169,9 +172,10 @@ def _field_type(name: str) -> tuple[type, type]:
 
 
 # --- data ----------------------------------------------------------------------------------------
-def mnist_config(s: Settings):
-  """configs/mnist/vp_continuous.py with the benchmark's data, batch, length and overrides."""
-  config = vp_continuous.get_config()
+def mnist_config(s: Settings, config_module: Any = vp_continuous):
+  """configs/mnist/vp_continuous.py (or another configs/mnist module) with the benchmark's data,
+  batch, length and overrides."""
+  config = config_module.get_config()
   t = config.training
   n = int(t.n_jitted_steps)
   config.data.data_dir = s.data_dir
@@ -244,14 +248,17 @@ def get_classifier(s: Settings, train_images: np.ndarray,
                   "seconds": round(time.time() - t0, 1), "path": path}
 
 
-def get_score_model(s: Settings, config):
-  """Trains (or resumes / reuses) the U-Net in ``<workdir>/score_model_nf*_b*_seed*``.
+def get_score_model(s: Settings, config, config_name: str = CONFIG_NAME,
+                    model_dir: Optional[str] = None):
+  """Trains (or resumes / reuses) the U-Net of ``config`` (``config_name``: the file it comes from,
+  for the record) in ``<model_dir>/score_model_nf*_b*_seed*`` (``model_dir`` default
+  ``s.workdir``).
 
   Returns (trainer, single-device EMA params, info dict).
   """
   from score_sde.evaluation import evaluate
   from score_sde.train import Trainer
-  workdir = os.path.join(s.workdir, f"score_model_nf{config.model.nf}_b{s.batch_size}"
+  workdir = os.path.join(model_dir or s.workdir, f"score_model_nf{config.model.nf}_b{s.batch_size}"
                          f"_w{config.optim.warmup}_ema{config.model.ema_rate:g}_seed{s.seed}")
   mesh = None
   if s.train_devices:
@@ -270,7 +277,7 @@ def get_score_model(s: Settings, config):
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
   logging.info("Score model: step %d, last train loss %s, test DSM loss %.4f (%d params, %.0f s).",
                step, last.get("loss"), test_loss, num_params, seconds)
-  info = {"config": CONFIG_NAME, "nf": int(config.model.nf), "num_params": num_params,
+  info = {"config": config_name, "nf": int(config.model.nf), "num_params": num_params,
           "trained_steps": step, "batch_size": s.batch_size, "lr": float(config.optim.lr),
           "warmup": int(config.optim.warmup), "ema_rate": float(config.model.ema_rate),
           "train_loss": last.get("loss"), "test_dsm_loss": test_loss,
@@ -317,6 +324,16 @@ def prepare(s: Settings, log: Callable[[str], None] = print) -> Prepared:
   trainer, params, info["model"] = get_score_model(s, config)
   log(f"score model ready: step {info['model']['trained_steps']}, test DSM loss "
       f"{info['model']['test_dsm_loss']:.4f} ({info['model']['train_seconds']} s)")
+  return Prepared(config=config, trainer=trainer, params=params, info=info,
+                  **prepare_reference(s, config, info, log))
+
+
+def prepare_reference(s: Settings, config, info: dict,
+                      log: Callable[[str], None] = print) -> dict:
+  """Everything of :func:`prepare` but the score model: trains / loads the classifier, the
+  reference features and the noise floor (``config`` only names the data). Adds 'classifier',
+  'floor' and 'fd_uniform_noise' to ``info``; returns the other :class:`Prepared` fields (clf,
+  ref_feats, test_x, bpd_idx)."""
   train_x, train_y = load_split(config, "train")
   test_x, test_y = load_split(config, "test")
   clf, info["classifier"] = get_classifier(s, train_x, train_y)
@@ -338,8 +355,7 @@ def prepare(s: Settings, log: Callable[[str], None] = print) -> Prepared:
       mnist_features.classifier_outputs(clf, s.feature_dim, noise)[1], ref_feats)
   log(f"noise floor (real vs real, n={n}): FD {info['floor']['fd']:.4g}; "
       f"uniform noise vs real: FD {info['fd_uniform_noise']:.4g}")
-  return Prepared(config=config, trainer=trainer, params=params, clf=clf, ref_feats=ref_feats,
-                  test_x=test_x, bpd_idx=bpd_idx, info=info)
+  return dict(clf=clf, ref_feats=ref_feats, test_x=test_x, bpd_idx=bpd_idx)
 
 
 # --- sampling ------------------------------------------------------------------------------------
