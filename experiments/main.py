@@ -118,7 +118,7 @@ def main(argv):
   if FLAGS.mode in ("train", "all"):
     phases.append(("train", lambda: train.train(config, FLAGS.workdir, **mismatch)))
   if FLAGS.mode == "posthoc_ema" or (FLAGS.mode == "all" and sigma_rel is not None):
-    phases.append(("posthoc_ema", lambda: posthoc_ema.run_posthoc_ema(
+    phases.append(("posthoc_ema", lambda: evaluate.run_posthoc_ema(
         config, FLAGS.workdir, FLAGS.checkpoint if FLAGS.mode == "posthoc_ema" else None,
         **mismatch)))
   if FLAGS.mode in ("eval", "all"):

@@ -39,7 +39,7 @@ the EMAs (:class:`PowerEMAs`, updated inside the jitted train step) and every k 
 ``n_iters``) the Trainer writes one ``.npz`` per tracked sigma_rel to
 ``<workdir>/posthoc_ema/step_<step>-sigma_rel_<sigma_rel>.npz`` (params only, written atomically:
 a temp file renamed into place, then read back). ``--mode posthoc_ema --config.eval.sigma_rel=x``
-(:func:`run_posthoc_ema`) writes the reconstruction as a kept checkpoint of the workdir
+(:func:`score_sde.evaluation.evaluate.run_posthoc_ema`) writes the reconstruction as a kept checkpoint of the workdir
 ``<workdir>/posthoc_ema/sigma_rel_<x>/`` (EMA and raw params both the reconstruction, the run's
 fingerprint), which ``--mode eval`` / ``--mode sample`` read like any other run
 (docs/posthoc_ema.md).
@@ -56,14 +56,13 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 __all__ = ["SIGMA_REL_MAX", "DEFAULT_SIGMA_RELS", "sigma_rel_to_gamma", "gamma_to_sigma_rel",
            "power_ema_beta", "power_ema_weights", "profile_inner_products", "solve_weights",
            "PowerEMAs", "init_power_emas", "update_power_emas", "tracking_of", "Snapshot",
            "snapshot_dir", "snapshot_name", "save_snapshot", "list_snapshots", "load_snapshot",
            "remove_snapshots_after", "combine_snapshots", "reconstruct", "reconstruction_dir",
-           "is_reconstruction", "check_invocation", "run_posthoc_ema", "NoSnapshots"]
+           "is_reconstruction", "check_invocation","NoSnapshots"]
 
 SIGMA_REL_MAX = float(1.0 / np.sqrt(12.0))   # sigma_rel of gamma = 0 (the running mean)
 DEFAULT_SIGMA_RELS = (0.05, 0.10)
@@ -430,49 +429,3 @@ def check_invocation(config, workdir: str, mode: str) -> tuple[Optional[str], st
             f"posthoc_ema --config.eval.sigma_rel={sigma_rel:g} with this --workdir first (or "
             "leave config.eval.sigma_rel unset to use the run's own checkpoints).", out)
   return None, out
-
-
-def run_posthoc_ema(config, workdir: str, step: Optional[int] = None,
-                    allow_config_mismatch: bool = False) -> str:
-  """``--mode posthoc_ema``: reconstructs the EMA of ``config.eval.sigma_rel`` at ``step`` (default:
-  the newest snapshot) and writes it as the kept checkpoint ``step`` of
-  :func:`reconstruction_dir`; returns that directory.
-
-  The checkpoint is a full train state of ``config`` carrying the run's fingerprint, with params
-  and EMA params both the reconstruction (so every mode reading either gets it) and a fresh
-  optimizer state; ``posthoc_ema.json`` beside it records the snapshots and weights used. Errors
-  (before anything is built): no sigma_rel, one out of range, no snapshots.
-  """
-  from score_sde.utils import read_json, write_json
-  sigma_rel = config.eval.get("sigma_rel", None)
-  if sigma_rel is None:
-    raise ValueError("--mode posthoc_ema needs the EMA width to reconstruct: set "
-                     "--config.eval.sigma_rel (e.g. 0.07), in (0, 0.2887).")
-  sigma_rel = float(sigma_rel)
-  sigma_rel_to_gamma(sigma_rel)  # range check
-  directory = snapshot_dir(workdir)
-  if not list_snapshots(directory):
-    raise NoSnapshots(_no_snapshots_message(workdir))
-  from score_sde.train import Trainer
-  out = reconstruction_dir(workdir, sigma_rel)
-  trainer = Trainer(config, out, allow_config_mismatch=allow_config_mismatch)
-  try:
-    fingerprint = trainer.checkpoints.fingerprint
-    params, info = reconstruct(directory, sigma_rel, jax.device_get(trainer.state.params), step,
-                               fingerprint=fingerprint, allow_mismatch=allow_config_mismatch)
-    logging.info("Post-hoc EMA sigma_rel=%g (gamma %.4g) at step %d from %d snapshots; relative "
-                 "L2 error of the fitted profile %.2e.", sigma_rel, info["gamma"], info["step"],
-                 len(info["snapshots"]), info["fit_rel_error"])
-    if jax.process_index() == 0:  # first: it marks the directory as eval / sample only
-      marker = os.path.join(out, MARKER)
-      write_json(marker, {**read_json(marker, {}), str(info["step"]): info})
-    params = jax.device_put(params, trainer.replicated)
-    state = trainer.state.replace(step=jnp.asarray(info["step"], jnp.int32), params=params,
-                                  ema_params=params, power_emas=None)
-    trainer.checkpoints.save(info["step"], state, snapshot=True)
-  finally:
-    trainer.close()
-  logging.info("Wrote the reconstruction as checkpoint %d of %s; evaluate or sample it with "
-               "--workdir %s --config.eval.sigma_rel=%g (or --workdir %s).", info["step"], out,
-               workdir, sigma_rel, out)
-  return out

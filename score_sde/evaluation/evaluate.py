@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from score_sde import datasets, likelihood
+from score_sde import datasets, likelihood, posthoc_ema
 from score_sde.evaluation import image_eval, metrics
 from score_sde.checkpointing import CheckpointMismatch
 from score_sde.signals import StopSignals
@@ -334,3 +334,47 @@ def run_sample(config, workdir: str, step: Optional[int] = None,
                       title=f"{config.sampling.method}, step {step}, {nfe} NFE")
   logging.info("Wrote %d samples (%d NFE) to %s and %s.", len(samples), nfe, out_dir, path)
   return out_dir
+
+
+def run_posthoc_ema(config, workdir: str, step: Optional[int] = None,
+                    allow_config_mismatch: bool = False) -> str:
+  """``--mode posthoc_ema``: reconstructs the EMA of ``config.eval.sigma_rel`` at ``step`` (default:
+  the newest snapshot) and writes it as the kept checkpoint ``step`` of
+  :func:`posthoc_ema.reconstruction_dir`; returns that directory.
+
+  The checkpoint is a full train state of ``config`` carrying the run's fingerprint, with params
+  and EMA params both the reconstruction (so every mode reading either gets it) and a fresh
+  optimizer state; ``posthoc_ema.json`` beside it records the snapshots and weights used. Errors
+  (before anything is built): no sigma_rel, one out of range, no snapshots.
+  """
+  sigma_rel = config.eval.get("sigma_rel", None)
+  if sigma_rel is None:
+    raise ValueError("--mode posthoc_ema needs the EMA width to posthoc_ema.reconstruct: set "
+                     "--config.eval.sigma_rel (e.g. 0.07), in (0, 0.2887).")
+  sigma_rel = float(sigma_rel)
+  posthoc_ema.sigma_rel_to_gamma(sigma_rel)  # range check
+  directory = posthoc_ema.snapshot_dir(workdir)
+  if not posthoc_ema.list_snapshots(directory):
+    raise posthoc_ema.NoSnapshots(posthoc_ema._no_snapshots_message(workdir))
+  out = posthoc_ema.reconstruction_dir(workdir, sigma_rel)
+  trainer = Trainer(config, out, allow_config_mismatch=allow_config_mismatch)
+  try:
+    fingerprint = trainer.checkpoints.fingerprint
+    params, info = posthoc_ema.reconstruct(directory, sigma_rel, jax.device_get(trainer.state.params), step,
+                               fingerprint=fingerprint, allow_mismatch=allow_config_mismatch)
+    logging.info("Post-hoc EMA sigma_rel=%g (gamma %.4g) at step %d from %d snapshots; relative "
+                 "L2 error of the fitted profile %.2e.", sigma_rel, info["gamma"], info["step"],
+                 len(info["snapshots"]), info["fit_rel_error"])
+    if jax.process_index() == 0:  # first: it marks the directory as eval / sample only
+      marker = os.path.join(out, posthoc_ema.MARKER)
+      write_json(marker, {**read_json(marker, {}), str(info["step"]): info})
+    params = jax.device_put(params, trainer.replicated)
+    state = trainer.state.replace(step=jnp.asarray(info["step"], jnp.int32), params=params,
+                                  ema_params=params, power_emas=None)
+    trainer.checkpoints.save(info["step"], state, snapshot=True)
+  finally:
+    trainer.close()
+  logging.info("Wrote the reconstruction as checkpoint %d of %s; evaluate or sample it with "
+               "--workdir %s --config.eval.sigma_rel=%g (or --workdir %s).", info["step"], out,
+               workdir, sigma_rel, out)
+  return out
