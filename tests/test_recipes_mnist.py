@@ -1,7 +1,9 @@
 """experiments.recipes_mnist end to end with --smoke on the real MNIST (skipped where absent).
 
-Three recipes, a few training steps each, every NFE of the default grid with two samplers, bits/dim
-of 4 images: checks the plumbing and the JSON, not the numbers. The subprocess compiles with
+The two new recipes (EDM, rectified flow; VP-DSM goes through the same code and the existing MNIST
+benchmark's tests), a few training steps each, one NFE with two samplers, bits/dim of 4 images:
+checks the plumbing and the JSON, not the numbers (a CI-sized run: the full smoke run, three
+recipes at every NFE, takes about 5 minutes on 2 cores). The subprocess compiles with
 XLA:CPU's backend optimizations off (``--xla_backend_optimization_level=0``): nearly all of the
 run is compilation (network initialization, training step, test loss, one program per sampler and
 NFE, the likelihood, per recipe), which that makes several times faster.
@@ -15,19 +17,20 @@ import pytest
 from experiments import recipes_mnist
 from experiments_helpers import run_experiment
 
-RECIPES = ["vp_continuous", "edm", "rectified_flow"]
+RECIPES = ["edm", "rectified_flow"]
 
 
 @pytest.mark.slow
-def test_smoke_run_compares_every_recipe_at_every_nfe(mnist_dir, tmp_path):
+def test_smoke_run_compares_recipes(mnist_dir, tmp_path):
   out, png = tmp_path / "recipes.json", tmp_path / "recipes.png"
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
   proc = run_experiment("recipes_mnist", "--smoke", f"--data_dir={mnist_dir}",
-                        f"--workdir={tmp_path / 'wd'}", f"--out={out}", f"--plot={png}", env=env)
+                        f"--workdir={tmp_path / 'wd'}", f"--out={out}", f"--plot={png}",
+                        f"--recipes={','.join(RECIPES)}", "--nfes=10", env=env)
   res = json.loads(out.read_text())
   assert png.stat().st_size > 0 and "NOT FID" in proc.stdout
-  nfes = [10, 20, 35]
+  nfes = [10]
   assert res["nfes"] == nfes and list(res["recipes"]) == RECIPES
   for key in ("settings", "classifier", "floor", "fd_uniform_noise", "samplers"):
     assert key in res, key
@@ -54,8 +57,7 @@ def test_smoke_run_compares_every_recipe_at_every_nfe(mnist_dir, tmp_path):
     assert math.isfinite(r["bpd"]["bpd"]) and r["bpd"]["num_images"] == 4, name
   # One x_T draw for every process, scaled by the prior's std (80 for EDM).
   stds = {name: r["prior_std"] for name, r in res["recipes"].items()}
-  assert stds["vp_continuous"] == stds["rectified_flow"]
-  assert stds["edm"] == pytest.approx(80.0 * stds["vp_continuous"], rel=1e-5)
+  assert stds["edm"] == pytest.approx(80.0 * stds["rectified_flow"], rel=1e-5)
   # The tables render from the saved JSON (what --from_json prints).
   table = recipes_mnist.best_table(res)
   assert all(f"| {name} |" in table for name in RECIPES)
