@@ -5,6 +5,8 @@ import json
 import os
 from typing import Any, Optional
 
+from score_sde.parametrizations import Parametrization, get_parametrization
+
 
 def data_shape(config) -> tuple[int, ...]:
   """Shape of one example: ``(dim,)`` for vector (toy) data, ``(H, W, C)`` for images.
@@ -18,13 +20,12 @@ def data_shape(config) -> tuple[int, ...]:
   return (int(data.image_size), int(data.image_size), int(data.num_channels))
 
 
-def parametrization_of(config):
+def parametrization_of(config) -> Optional[Parametrization]:
   """The :class:`score_sde.parametrizations.Parametrization` of ``config.model.parametrization``
   (with ``config.model.sigma_data`` for 'edm'), or None (absent, None or '': the SDE's default)."""
   name = config.model.get("parametrization", None) or None
   if name is None:
     return None
-  from score_sde.parametrizations import get_parametrization
   return get_parametrization(name, config.model.get("sigma_data", None))
 
 

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde.parametrizations import PARAMETRIZATIONS
+
 Array = jax.Array
 
 EMBEDDING_TYPES = ("fourier", "positional")
@@ -94,7 +96,6 @@ def is_ve(config) -> bool:
   A preconditioning parametrization (EDM's) does both outside the network."""
   if str(config.training.sde).lower() != "vesde":
     return False
-  from score_sde.parametrizations import PARAMETRIZATIONS
   name = config.model.get("parametrization", None) or None
   return not (name in PARAMETRIZATIONS and PARAMETRIZATIONS[name].preconditions)
 
