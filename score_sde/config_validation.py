@@ -238,8 +238,9 @@ def _parametrizations() -> list[str]:
 
 
 def _losses() -> list[str]:
+  from score_sde.consistency import CONSISTENCY_LOSSES
   from score_sde.losses import LOSSES
-  return ["dsm"] + sorted(LOSSES)
+  return ["dsm"] + sorted(LOSSES) + list(CONSISTENCY_LOSSES)
 
 
 def _t_samplings() -> list[str]:
@@ -311,6 +312,11 @@ FIELDS: dict[str, Check] = {
     "training.t_std": _pos(optional=True, hint="logit_normal / lognormal scale; None: 1 / 1.2"),
     "training.label_dropout": _float(min=0, max=1, optional=True,
                                      hint="class-conditional training only"),
+    "training.micro_batches": _int(optional=True, hint=(
+        "gradient accumulation: the step runs the batch in this many micro-batches; it must "
+        "divide the per-device batch; None: 1")),
+    "training.param_sharding": _choice(("replicated", "fsdp"), optional=True, hint=(
+        "fsdp: params, optimizer state and EMAs sharded over the devices; None: 'replicated'")),
     # --- sampling ---
     "sampling.method": _choice(_samplers, required=True),
     "sampling.predictor": _choice(_predictors),
@@ -385,6 +391,9 @@ FIELDS: dict[str, Check] = {
     "model.ema_rate": _float(min=0, lt=1, required=True),
     "model.dropout": _float(min=0, lt=1),
     "model.dtype": _choice(("float32", "bfloat16"), lower=True),
+    "model.remat": _choice(("none", "blocks", "full"), optional=True, hint=(
+        "rematerialization: recompute activations per residual / attention block ('blocks') or "
+        "of the whole network ('full') in the backward pass; None: 'none'")),
     "model.parametrization": _choice(lambda: [""] + _parametrizations(), optional=True,
                                      hint="None or '': the SDE's default"),
     "model.num_classes": _int(min=0, optional=True, hint="0 or None: unconditional"),
@@ -421,6 +430,13 @@ FIELDS: dict[str, Check] = {
     "model.attention_type": _choice(("ddpm",), hint="the only attention implemented"),
     "model.conv_size": _int(rule=(lambda v: v == 3, ""),
                             describe="3 (the only kernel size implemented)"),
+    "model.hidden_size": _int(hint="DiT: token width D (S 384, B 768, L 1024, XL 1152)"),
+    "model.depth": _int(hint="DiT: number of transformer blocks"),
+    "model.num_heads": _int(hint="DiT: attention heads; must divide hidden_size"),
+    "model.patch_size": _int(hint="DiT: p x p patches; data.image_size divisible by it"),
+    "model.mlp_ratio": _pos(hint="DiT: MLP width / hidden_size (4)"),
+    "model.learn_sigma": _bool(hint="DiT: learned-variance head (output channels doubled, the "
+                               "extra half unused by the samplers)"),
     # --- optim ---
     "optim.optimizer": _choice(("Adam",), lower=True, required=True,
                                hint="AdamW when weight_decay > 0"),
@@ -435,6 +451,24 @@ FIELDS: dict[str, Check] = {
                               hint="the global-norm threshold; negative disables clipping"),
     "optim.amsgrad": _bool(rule=(lambda v: not v, ""),
                            describe="False (AMSGrad is not implemented)"),
+    # --- consistency (optional group; training.loss='consistency_*', docs/consistency.md) ---
+    "consistency.teacher": Check("str", optional=True, nonempty=True, hint=(
+        "CD: 'exact' (the toy gmm's exact score) or the teacher's config file; None for iCT")),
+    "consistency.teacher_workdir": _path("CD: the teacher's checkpoint directory"),
+    "consistency.solver": _choice(("euler", "heun"), optional=True,
+                                  hint="the teacher's ODE step; None: 'heun'"),
+    "consistency.num_scales": _int(min=2, optional=True, hint="CD: N discretization times; "
+                                                              "None: 18"),
+    "consistency.target_ema": _float(min=0, lt=1, optional=True, hint=(
+        "CD: target-network EMA mu; 0: stopgrad(theta); None: 0.95")),
+    "consistency.metric": _choice(("l2", "pseudo_huber"), optional=True,
+                                  hint="None: 'l2' (CD), 'pseudo_huber' (iCT)"),
+    "consistency.huber_c": _pos(optional=True, hint="pseudo-Huber c; None: 0.00054 sqrt(dim)"),
+    "consistency.weighting": _choice(("uniform", "ict"), optional=True, hint=(
+        "lambda_n: 1 or 1 / (sigma_{n+1} - sigma_n); None: 'uniform' (CD), 'ict' (iCT)")),
+    "consistency.s0": _int(min=1, optional=True, hint="iCT curriculum start N - 1; None: 10"),
+    "consistency.s1": _int(min=1, optional=True, hint="iCT curriculum end N - 1; None: 1280"),
+    "consistency.rho": _pos(optional=True, hint="the discretization's rho; None: 7"),
     # --- classifier (optional group; --mode train_classifier, docs/controllable.md) ---
     "classifier.name": _choice(_classifiers),
     "classifier.num_classes": _int(),
@@ -543,6 +577,7 @@ def _check_loss(errors: list[str], config, ok) -> None:
     errors.append("config.training.t_sampling applies to the weighted losses (training.loss != "
                   "'dsm'); the 'dsm' loss draws t ~ U(eps, T): unset it or choose another loss.")
   name = _get(config, "model.parametrization")
+  _check_consistency(errors, config, ok, loss, name)
   if not name:
     return
   from score_sde.parametrizations import PARAMETRIZATIONS
@@ -558,6 +593,64 @@ def _check_loss(errors: list[str], config, ok) -> None:
     errors.append(f"config.model.parametrization={name!r} labels the network with the noise "
                   "level sigma / alpha, which it embeds as Fourier features of its log: set "
                   "config.model.embedding_type='fourier'.")
+
+
+def _check_consistency(errors: list[str], config, ok, loss: str, name: Optional[str]) -> None:
+  """Consistency losses and the 'consistency' parametrization go together; CD has a usable teacher
+  (its data shape and forward process are this config's)."""
+  from score_sde.consistency import CONSISTENCY_LOSSES
+  is_cm = loss in CONSISTENCY_LOSSES
+  if is_cm and name != "consistency":
+    errors.append(f"config.training.loss={loss!r} trains a consistency model: set "
+                  "config.model.parametrization='consistency'.")
+  if name == "consistency" and not is_cm:
+    errors.append("config.model.parametrization='consistency' is trained by a consistency loss: "
+                  f"set config.training.loss to one of {list(CONSISTENCY_LOSSES)}.")
+  if is_cm and (_get(config, "model.num_classes") or 0):
+    errors.append("Consistency models here are unconditional: set config.model.num_classes=0.")
+  s0, s1 = _get(config, "consistency.s0"), _get(config, "consistency.s1")
+  if ok("consistency.s0", "consistency.s1") and None not in (s0, s1) and s0 > s1:
+    errors.append(f"config.consistency.s0={s0} must not exceed config.consistency.s1={s1}.")
+  if loss != "consistency_distillation" or not ok("consistency.teacher", "data.dataset"):
+    return
+  teacher = _get(config, "consistency.teacher")
+  if not teacher:
+    errors.append("config.training.loss='consistency_distillation' needs config.consistency."
+                  "teacher: 'exact' (toy gmm data) or the teacher's config file.")
+  elif teacher == "exact":
+    if str(_get(config, "data.dataset")).lower() != "gmm":
+      errors.append("config.consistency.teacher='exact' is the exact score of the toy mixture: set "
+                    f"config.data.dataset='gmm' (got {_get(config, 'data.dataset')!r}) or give a "
+                    "trained teacher's config file.")
+  else:
+    from score_sde import consistency
+    try:
+      errors.extend(consistency.teacher_config_errors(
+          config, consistency.load_teacher_config(teacher)))
+    except (ValueError, TypeError, AttributeError) as e:
+      errors.append(str(e))
+    if not _get(config, "consistency.teacher_workdir"):
+      errors.append(f"config.consistency.teacher={teacher!r} needs config.consistency."
+                    "teacher_workdir, the directory of the teacher's checkpoints.")
+
+
+def _check_efficiency(errors: list[str], config, ok, num_devices: int) -> None:
+  """micro_batches divides the per-device batch; remat='blocks' only for networks with blocks."""
+  batch, k = _get(config, "training.batch_size"), _get(config, "training.micro_batches")
+  if ok("training.batch_size", "training.micro_batches") and None not in (batch, k) and (
+      batch % num_devices == 0 and (batch // num_devices) % k):
+    per_device = batch // num_devices
+    divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
+    errors.append(f"config.training.micro_batches={k} does not divide the per-device batch of "
+                  f"{per_device} (training.batch_size={batch} over {num_devices} devices); "
+                  f"choose one of {divisors}.")
+  if ok("model.remat", "model.name") and _get(config, "model.remat") == "blocks":
+    from score_sde.models import remat
+    name = _get(config, "model.name")
+    if not remat.has_blocks(name):
+      errors.append(f"config.model.remat='blocks' is not implemented for config.model.name="
+                    f"{name!r} (networks with blocks: {remat.networks_with_blocks()}); use "
+                    "'full' or 'none'.")
 
 
 def _cross_checks(errors: list[str], config, bad: set[str], num_devices: int) -> None:
@@ -577,6 +670,7 @@ def _cross_checks(errors: list[str], config, bad: set[str], num_devices: int) ->
     if batch % jax.process_count():
       errors.append(f"config.training.batch_size={batch} is not divisible by the "
                     f"{jax.process_count()} processes.")
+  _check_efficiency(errors, config, ok, num_devices)
   n = _get(config, "training.n_jitted_steps")
   if ok("training.n_jitted_steps") and n is not None:
     for field in ("n_iters", "log_freq", "snapshot_freq", "snapshot_freq_for_preemption",

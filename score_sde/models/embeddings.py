@@ -7,7 +7,7 @@
 The helpers :func:`noise_embedding` and :func:`label_sigma` turn the noise labels of the model call
 convention (see :mod:`score_sde.models.utils`) into an embedding and, for VE models, the noise
 scale sigma that ``scale_by_sigma`` divides by. They are shared by the small networks of this
-package (``toy_mlp``, ``small_unet``).
+package (``toy_mlp``, ``small_unet``, ``dit``).
 """
 from __future__ import annotations
 
@@ -113,13 +113,13 @@ def label_sigma(config, labels: Array) -> Array:
   return jnp.asarray(sigmas, jnp.float32)[labels.astype(jnp.int32)]
 
 
-def class_embedding(config, class_labels, batch: int, dim: int):
+def class_embedding(config, class_labels, batch: int, dim: int, stddev: float = 1.0):
   """Class-label embedding ``[batch, dim]`` for class-conditional networks (call inside a compact
   module), or 0 when ``config.model.num_classes`` is unset.
 
   Labels lie in 0..K with K = num_classes the null label (unconditional; also used when
-  ``class_labels`` is None). The table has K + 1 rows, initialized N(0, 1) like the noise
-  features it is added to. Out-of-range labels raise when concrete; under jit they are clipped
+  ``class_labels`` is None). The table has K + 1 rows, initialized N(0, stddev^2) (default 1, like
+  the noise features it is added to; DiT's table uses 0.02). Out-of-range labels raise when concrete; under jit they are clipped
   by the gather, so check them first (score_sde.controllable.check_labels).
   """
   k = config.model.get("num_classes", None)
@@ -137,5 +137,5 @@ def class_embedding(config, class_labels, batch: int, dim: int):
     if arr.size and (arr.min() < 0 or arr.max() > int(k)):
       raise ValueError(f"class_labels must lie in 0..{int(k)} ({int(k)} = the null label), got "
                        f"values in [{arr.min()}, {arr.max()}].")
-  return nn.Embed(int(k) + 1, dim, embedding_init=nn.initializers.normal(1.0),
+  return nn.Embed(int(k) + 1, dim, embedding_init=nn.initializers.normal(stddev),
                   name="class_embed")(class_labels.astype(jnp.int32))

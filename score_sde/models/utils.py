@@ -33,7 +33,8 @@ ModelFn = Callable[[Array, Array], Array]
 _MODELS: dict[str, type[nn.Module]] = {}
 # Modules whose import registers networks; imported lazily by get_model.
 _MODEL_MODULES = ("score_sde.models.toy", "score_sde.models.unet", "score_sde.models.ncsnpp",
-                  "score_sde.models.ddpm", "score_sde.models.ncsnv2", "score_sde.models.wideresnet")
+                  "score_sde.models.ddpm", "score_sde.models.ncsnv2", "score_sde.models.wideresnet",
+                  "score_sde.models.dit")
 
 
 def register_model(cls=None, *, name: Optional[str] = None):
@@ -95,13 +96,22 @@ def count_params(config) -> int:
 
 def get_model_fn(model: nn.Module, variables: Any, train: bool = False,
                  rng: Optional[Array] = None) -> ModelFn:
-  """``model_fn(x, labels) -> output`` for fixed variables (dropout only when ``train``)."""
+  """``model_fn(x, labels) -> output`` for fixed variables (dropout only when ``train``).
+
+  With ``config.model.remat='full'`` (training only) the whole forward is one ``jax.checkpoint``:
+  the backward pass recomputes it instead of storing its activations
+  (:mod:`score_sde.models.remat`).
+  """
+  from score_sde.models import remat
   if not isinstance(variables, dict) or "params" not in variables:
     variables = {"params": variables}
+  rngs = {"dropout": rng} if (train and rng is not None) else {}
+  apply = lambda v, x, labels, r: model.apply(v, x, labels, train=train, rngs=r)
+  if train and remat.model_remat(model) == "full":
+    apply = jax.checkpoint(apply)
 
   def model_fn(x, labels):
-    rngs = {"dropout": rng} if (train and rng is not None) else {}
-    return model.apply(variables, x, labels, train=train, rngs=rngs)
+    return apply(variables, x, labels, rngs)
   return model_fn
 
 
