@@ -511,3 +511,36 @@ def test_ncsnpp_scanned_blocks_equal_unrolled_blocks(name, model):
   f = lambda m: jax.jit(lambda p: m.apply({"params": p}, x, labels)).lower(params).as_text()
   assert f(scanned).count("stablehlo.while") >= 3 and "stablehlo.while" not in f(unrolled)
   assert f(scanned).count("stablehlo.convolution") < f(unrolled).count("stablehlo.convolution")
+
+
+def test_jit_init_gives_the_variables_of_the_optimized_compile():
+  """create_model compiles the initializer unoptimized (jit_init); the variables must be those of a
+  plain jax.jit: bitwise for uniform draws and constants, to float rounding (an ulp, from erf_inv)
+  for the normal draws, over every initializer kind the networks use, on shapes small enough that
+  the optimized compile stays cheap."""
+  from score_sde.models import layers
+
+  class Mix(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Conv(4, (3, 3), kernel_init=layers.default_init())(x)
+      h = nn.Conv(4, (3, 3), kernel_init=nn.initializers.variance_scaling(2.0, "fan_out",
+                                                                          "normal"))(h)
+      h = nn.Conv(4, (1, 1), kernel_init=nn.initializers.lecun_normal())(h)
+      h = h * self.param("W", nn.initializers.normal(0.3), (4,))
+      h = nn.GroupNorm(num_groups=2)(h) + nn.Embed(3, 4)(jnp.ones((1,), jnp.int32))[:, None, None]
+      return nn.Dense(5, kernel_init=nn.initializers.xavier_uniform())(h.mean((1, 2)))
+
+  x = jnp.ones((1, 6, 6, 3))
+  init = lambda k: Mix().init(k, x)
+  key = jax.random.PRNGKey(7)
+  plain, unopt = jax.jit(init)(key), mutils.jit_init(init, key)
+  a, b = flatten_dict(plain["params"]), flatten_dict(unopt["params"])
+  assert a.keys() == b.keys() and len(a) == 12
+  for k in a:
+    x1, x2 = np.asarray(a[k]), np.asarray(b[k])
+    if k in (("Conv_0", "kernel"), ("Dense_0", "kernel")) or k[-1] in ("bias", "scale"):
+      np.testing.assert_array_equal(x1, x2, err_msg="/".join(k))
+    else:
+      np.testing.assert_allclose(x1, x2, rtol=1e-6, atol=1e-7, err_msg="/".join(k))
+      assert np.std(x1) > 0.01
