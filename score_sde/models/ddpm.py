@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from score_sde.models import layers, normalization
+from score_sde.models import layers, normalization, remat
 from score_sde.models.utils import register_model
 
 Array = jax.Array
@@ -63,28 +63,29 @@ class DDPM(nn.Module):
 
     h = x if config.data.centered else 2 * x - 1.0
     h = h.astype(dtype)
+    block = functools.partial(remat.call, enabled=remat.blocks_of(config))
 
     hs = [conv3x3(h, nf)]
     for i_level in range(num_resolutions):
       for _ in range(m.num_res_blocks):
-        h = ResnetBlock(out_ch=nf * ch_mult[i_level])(hs[-1], temb, train)
+        h = block(ResnetBlock(out_ch=nf * ch_mult[i_level]), hs[-1], temb, train)
         if h.shape[1] in attn_resolutions:
-          h = AttnBlock()(h)
+          h = block(AttnBlock(), h)
         hs.append(h)
       if i_level != num_resolutions - 1:
         hs.append(layers.Downsample(with_conv=m.resamp_with_conv, dtype=dtype)(hs[-1]))
 
     h = hs[-1]
-    h = ResnetBlock()(h, temb, train)
-    h = AttnBlock()(h)
-    h = ResnetBlock()(h, temb, train)
+    h = block(ResnetBlock(), h, temb, train)
+    h = block(AttnBlock(), h)
+    h = block(ResnetBlock(), h, temb, train)
 
     for i_level in reversed(range(num_resolutions)):
       for _ in range(m.num_res_blocks + 1):
-        h = ResnetBlock(out_ch=nf * ch_mult[i_level])(
-            jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
+        h = block(ResnetBlock(out_ch=nf * ch_mult[i_level]),
+                  jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
       if h.shape[1] in attn_resolutions:
-        h = AttnBlock()(h)
+        h = block(AttnBlock(), h)
       if i_level != 0:
         h = layers.Upsample(with_conv=m.resamp_with_conv, dtype=dtype)(h)
     assert not hs

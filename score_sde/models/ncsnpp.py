@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from score_sde.models import layers, layerspp, scan
+from score_sde.models import layers, layerspp, remat, scan
 from score_sde.models.utils import register_model
 
 Array = jax.Array
@@ -130,6 +130,8 @@ class NCSNpp(nn.Module):
     if not config.data.centered:
       x = 2 * x - 1.0  # data in [0, 1] -> [-1, 1]
     x = x.astype(dtype)
+    remat_blocks = remat.blocks_of(config)  # model.remat='blocks': checkpoint every block
+    block = functools.partial(remat.call, enabled=remat_blocks)
 
     def down_step(mods, h, _):  # a residual block, then attention at attn_resolutions
       h = mods[0](h, temb, train)
@@ -145,12 +147,13 @@ class NCSNpp(nn.Module):
       with_attn = hs[-1].shape[1] in attn_resolutions  # res blocks keep the resolution
       units = [(ResnetBlock(out_ch=nf * ch_mult[i_level]),) + ((AttnBlock(),) if with_attn else ())
                for _ in range(num_res_blocks)]
-      hs.extend(scan.apply_units(self, units, down_step, hs[-1], scan=self.scan_blocks))
+      hs.extend(scan.apply_units(self, units, down_step, hs[-1], scan=self.scan_blocks,
+                                 remat=remat_blocks))
       if i_level != num_resolutions - 1:
         if resblock_type == "ddpm":
           h = Downsample()(hs[-1])
         else:
-          h = ResnetBlock(down=True)(hs[-1], temb, train)
+          h = block(ResnetBlock(down=True), hs[-1], temb, train)
         if progressive_input == "input_skip":
           input_pyramid = pyramid_downsample()(input_pyramid)
           h = combiner()(input_pyramid, h)
@@ -161,18 +164,19 @@ class NCSNpp(nn.Module):
         hs.append(h)
 
     h = hs[-1]
-    h = ResnetBlock()(h, temb, train)
-    h = AttnBlock()(h)
-    h = ResnetBlock()(h, temb, train)
+    h = block(ResnetBlock(), h, temb, train)
+    h = block(AttnBlock(), h)
+    h = block(ResnetBlock(), h, temb, train)
 
     # Upsampling path.
     pyramid = None
     for i_level in reversed(range(num_resolutions)):
       units = [(ResnetBlock(out_ch=nf * ch_mult[i_level]),) for _ in range(num_res_blocks + 1)]
       skips = [hs.pop() for _ in units]
-      h = scan.apply_units(self, units, up_step, h, skips, scan=self.scan_blocks)[-1]
+      h = scan.apply_units(self, units, up_step, h, skips, scan=self.scan_blocks,
+                           remat=remat_blocks)[-1]
       if h.shape[1] in attn_resolutions:
-        h = AttnBlock()(h)
+        h = block(AttnBlock(), h)
       if progressive != "none":
         if i_level == num_resolutions - 1:
           if progressive == "output_skip":
@@ -192,7 +196,7 @@ class NCSNpp(nn.Module):
         if resblock_type == "ddpm":
           h = Upsample()(h)
         else:
-          h = ResnetBlock(up=True)(h, temb, train)
+          h = block(ResnetBlock(up=True), h, temb, train)
     assert not hs
 
     if progressive == "output_skip":

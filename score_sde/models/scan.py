@@ -17,6 +17,7 @@ NCSN++ / DDPM++ blocks); dropout keys are split per block from the parent's ``'d
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -43,7 +44,7 @@ def _applied(module: nn.Module, params: Any, rng: Optional[Array]) -> Callable[.
 
 def apply_units(parent: nn.Module, units: Sequence[Unit], step: Step, h: Array,
                 xs: Optional[Sequence[Optional[Array]]] = None, *, scan: bool = True,
-                min_run: int = 2) -> list[Array]:
+                min_run: int = 2, remat: bool = False) -> list[Array]:
   """``[h_1, ..., h_n]`` with ``h_i = step(units[i], h_{i-1}, xs[i])``, ``h_0 = h``.
 
   ``units[i]`` is a tuple of submodules of ``parent`` (declared in its compact method, not yet
@@ -51,16 +52,23 @@ def apply_units(parent: nn.Module, units: Sequence[Unit], step: Step, h: Array,
   outside ``init``), each maximal run of at least ``min_run`` consecutive units with equal
   parameter shapes and equal ``xs`` shapes whose output shape equals its input shape runs as one
   ``lax.scan``; other units run one by one. Same values as the plain loop (up to float
-  reassociation by XLA), same parameter tree.
+  reassociation by XLA), same parameter tree. With ``remat`` every unit is rematerialized in the
+  backward pass (``model.remat='blocks'``): a scanned run's loop body is a ``jax.checkpoint``,
+  a unit run on its own calls each module under ``nn.remat`` (:func:`score_sde.models.remat.call`).
   """
   n = len(units)
   xs = [None] * n if xs is None else list(xs)
   if len(xs) != n:
     raise ValueError(f"apply_units: {n} units but {len(xs)} per-unit inputs.")
   outs: list[Array] = []
+  if remat:
+    from score_sde.models.remat import call
+    one = lambda unit, h_, x_: step([functools.partial(call, m) for m in unit], h_, x_)
+  else:
+    one = step
   if not scan or parent.is_initializing() or n < min_run:
     for unit, x in zip(units, xs):
-      h = step(unit, h, x)
+      h = one(unit, h, x)
       outs.append(h)
     return outs
 
@@ -69,7 +77,7 @@ def apply_units(parent: nn.Module, units: Sequence[Unit], step: Step, h: Array,
     raise ValueError(f"apply_units scans only 'params'; {parent.name} also has collections "
                      f"{sorted(set(parent.variables) - {'params'})}.")
   if any(m.name not in params for unit in units for m in unit):  # parameterless modules
-    return apply_units(parent, units, step, h, xs, scan=False)
+    return apply_units(parent, units, step, h, xs, scan=False, remat=remat)
   subtrees = [tuple(params[m.name] for m in unit) for unit in units]
   sigs = [(_shapes(p), None if x is None else (x.shape, x.dtype)) for p, x in zip(subtrees, xs)]
   use_rng = parent.has_rng("dropout")
@@ -82,19 +90,20 @@ def apply_units(parent: nn.Module, units: Sequence[Unit], step: Step, h: Array,
       probe = [_applied(m, p, jax.random.PRNGKey(0)) for m, p in zip(units[i], subtrees[i])]
       out = jax.eval_shape(lambda h_, x_: step(probe, h_, x_), h, xs[i])
       if (out.shape, out.dtype) == (h.shape, h.dtype):
-        h, ys = _scan_run(parent, units[i], subtrees[i:j], xs[i:j], step, h, use_rng)
+        h, ys = _scan_run(parent, units[i], subtrees[i:j], xs[i:j], step, h, use_rng, remat)
         outs.extend(ys[k] for k in range(j - i))
         i = j
         continue
-    h = step(units[i], h, xs[i])
+    h = one(units[i], h, xs[i])
     outs.append(h)
     i += 1
   return outs
 
 
 def _scan_run(parent: nn.Module, template: Unit, subtrees: Sequence[tuple], xs: Sequence,
-              step: Step, h: Array, use_rng: bool) -> tuple[Array, Array]:
-  """One ``lax.scan`` over a run of units shaped like ``template``; returns (h, stacked outputs)."""
+              step: Step, h: Array, use_rng: bool, remat: bool = False) -> tuple[Array, Array]:
+  """One ``lax.scan`` over a run of units shaped like ``template``; returns (h, stacked outputs).
+  With ``remat`` the loop body (one unit) is a ``jax.checkpoint``."""
   n = len(subtrees)
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *subtrees)
   x_stack = None if xs[0] is None else jnp.stack(xs)
@@ -107,4 +116,4 @@ def _scan_run(parent: nn.Module, template: Unit, subtrees: Sequence[tuple], xs: 
     new = step(mods, carry, x)
     return new, new
 
-  return jax.lax.scan(body, h, (stacked, x_stack, keys))
+  return jax.lax.scan(jax.checkpoint(body) if remat else body, h, (stacked, x_stack, keys))

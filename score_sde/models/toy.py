@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from score_sde.models import embeddings
+from score_sde.models import embeddings, remat
 from score_sde.models.utils import register_model
 
 Array = jax.Array
@@ -69,8 +69,9 @@ class ToyMLP(nn.Module):
       sigma = embeddings.label_sigma(cfg, labels)
       x = x / jnp.sqrt(1.0 + sigma[:, None] ** 2)
     h = nn.Dense(nf)(x)
+    remat_blocks = remat.blocks_of(cfg)  # model.remat='blocks': checkpoint every block
     for _ in range(num_layers):
-      h = ResidualMLPBlock(nf, float(m.dropout))(h, temb, train)
+      h = remat.call(ResidualMLPBlock(nf, float(m.dropout)), h, temb, train, enabled=remat_blocks)
     out = nn.Dense(x.shape[-1])(nn.silu(nn.LayerNorm()(h)))
     if ve and m.scale_by_sigma:
       out = out / sigma[:, None]

@@ -20,13 +20,14 @@ and, with scale_by_sigma, the output is divided by sigma; VP / sub-VP outputs ar
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from score_sde.models import embeddings
+from score_sde.models import embeddings, remat
 from score_sde.models.conv import Conv
 from score_sde.models.utils import register_model
 
@@ -104,31 +105,33 @@ class SmallUNet(nn.Module):
       sigma = embeddings.label_sigma(cfg, labels)
       x = x / jnp.sqrt(1.0 + sigma**2)[:, None, None, None]
 
+    block = functools.partial(remat.call, enabled=remat.blocks_of(cfg))  # model.remat='blocks'
     # Downsampling path.
     h = Conv(nf, (3, 3))(x)
     hs = [h]
     for level, mult in enumerate(ch_mult):
       for _ in range(num_res_blocks):
-        h = ResBlock(nf * mult, dropout)(h, temb, train)
+        h = block(ResBlock(nf * mult, dropout), h, temb, train)
         if h.shape[1] in attn_res:
-          h = AttnBlock()(h)
+          h = block(AttnBlock(), h)
         hs.append(h)
       if level != len(ch_mult) - 1:
         h = Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
         hs.append(h)
 
     # Middle.
-    h = ResBlock(h.shape[-1], dropout)(h, temb, train)
+    h = block(ResBlock(h.shape[-1], dropout), h, temb, train)
     if h.shape[1] in attn_res:
-      h = AttnBlock()(h)
-    h = ResBlock(h.shape[-1], dropout)(h, temb, train)
+      h = block(AttnBlock(), h)
+    h = block(ResBlock(h.shape[-1], dropout), h, temb, train)
 
     # Upsampling path.
     for level, mult in reversed(list(enumerate(ch_mult))):
       for _ in range(num_res_blocks + 1):
-        h = ResBlock(nf * mult, dropout)(jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
+        h = block(ResBlock(nf * mult, dropout), jnp.concatenate([h, hs.pop()], axis=-1), temb,
+                  train)
         if h.shape[1] in attn_res:
-          h = AttnBlock()(h)
+          h = block(AttnBlock(), h)
       if level != 0:
         B, hh, ww, C = h.shape
         # Nearest-neighbour 2x upsampling as a broadcast (its gradient is a sum, not a scatter).

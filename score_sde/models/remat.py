@@ -1,0 +1,83 @@
+"""Rematerialization (gradient checkpointing) of the networks: ``config.model.remat``.
+
+Reverse-mode differentiation keeps every intermediate activation of the forward pass alive until
+the backward pass uses it. Under ``jax.checkpoint`` a function keeps only its inputs; its
+intermediates are recomputed in the backward pass (one more forward through it):
+
+  * ``'none'`` (default): everything stored; fastest, most memory.
+  * ``'blocks'``: each residual block and each attention block of the network (and each unit of a
+    scanned run of blocks, :mod:`score_sde.models.scan`) is checkpointed: the stored activations
+    are the blocks' inputs and outputs, the inside of one block is recomputed at a time. About one
+    extra forward pass of the blocks.
+  * ``'full'``: the whole network forward is one checkpoint (:func:`score_sde.models.get_model_fn`):
+    only its inputs are stored; the backward pass recomputes the forward with all its
+    intermediates alive at once, so the peak is about that of the forward pass alone.
+
+Values and gradients are the same as without remat (XLA may reassociate float operations), and the
+parameter tree is unchanged: blocks are lifted with ``flax.linen.remat`` applied to a function of
+the already named block (``nn.remat(fn)(block, ...)``), not to the block class (which would rename
+it ``CheckpointResnetBlock...`` and break loading checkpoints name for name).
+Measured memory and speed: docs/networks.md.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+REMATS = ("none", "blocks", "full")
+# Networks that checkpoint their blocks with model.remat='blocks' (registry names).
+_NETWORKS_WITH_BLOCKS = ("ncsnpp", "ddpm", "small_unet", "toy_mlp")
+
+
+def remat_of(config) -> str:
+  """``config.model.remat`` (absent or None: 'none'); ValueError naming the field if unknown."""
+  name = config.model.get("remat", None) or "none"
+  if name not in REMATS:
+    raise ValueError(f"config.model.remat={name!r} is unknown; choose one of {list(REMATS)}.")
+  return str(name)
+
+
+def has_blocks(model_name: str) -> bool:
+  """Whether network ``model_name`` implements ``model.remat='blocks'``."""
+  return model_name in _NETWORKS_WITH_BLOCKS
+
+
+def networks_with_blocks() -> list[str]:
+  return list(_NETWORKS_WITH_BLOCKS)
+
+
+def blocks_of(config) -> bool:
+  """True when the network should checkpoint its blocks (``config.model.remat == 'blocks'``)."""
+  return remat_of(config) == "blocks"
+
+
+def call(module: nn.Module, *args: Any, enabled: bool = True) -> Any:
+  """``module(*args)``, under ``nn.remat`` when ``enabled``.
+
+  ``module`` is a submodule declared in the caller's compact method (it keeps its name and
+  parameters); array arguments are traced, the others (None, the ``train`` flag) are static.
+  """
+  if not enabled:
+    return module(*args)
+  dynamic = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+
+  def fn(mdl, *arrays):
+    full = list(args)
+    for i, a in zip(dynamic, arrays):
+      full[i] = a
+    return mdl(*full)
+
+  return nn.remat(fn)(module, *[args[i] for i in dynamic])
+
+
+def model_remat(model: Any) -> str:
+  """The remat mode of a network built from a config (``model.config``; a wrapper such as
+  :class:`score_sde.conditional.WithClassLabels` is looked through); 'none' without a config."""
+  config = getattr(model, "config", None)
+  if config is None and hasattr(model, "model"):
+    config = getattr(model.model, "config", None)
+  if config is None or not hasattr(config, "model"):
+    return "none"
+  return remat_of(config)
