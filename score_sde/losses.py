@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from score_sde import conditional, sde_lib
+from score_sde import conditional, consistency, sde_lib
 from score_sde.models.utils import get_model_fn, get_network_fn, get_score_fn
 from score_sde.sde_lib import batch_mul
 from score_sde.utils import data_shape, parametrization_of
@@ -249,7 +249,8 @@ def get_weighted_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool, loss: 
   return loss_fn
 
 
-def get_loss_fn(config, sde: sde_lib.SDE, model: nn.Module, train: bool) -> LossFn:
+def get_loss_fn(config, sde: sde_lib.SDE, model: nn.Module, train: bool,
+                teacher_score_fn=None) -> LossFn:
   """The loss ``config.training`` asks for; checks the batch shape against the config at trace time.
 
   ``training.loss``: 'dsm' (default) -> :func:`get_sde_loss_fn` when continuous (reduce_mean,
@@ -257,8 +258,16 @@ def get_loss_fn(config, sde: sde_lib.SDE, model: nn.Module, train: bool) -> Loss
   discrete (an SDE without one is an error); any other name -> :func:`get_weighted_loss_fn`
   (continuous only; t_sampling, t_mean, t_std, model.sigma_data from the config).
   A class-conditional model (``config.model.num_classes``) takes ``batch = {'image', 'label'}``.
+  'consistency_distillation' / 'consistency_training' -> :func:`score_sde.consistency.
+  get_consistency_loss_fn` (CD with ``teacher_score_fn``); that loss also takes the train state's
+  step and target params (``loss_fn.uses_train_state``).
   """
   tc = config.training
+  if consistency.is_consistency_loss(config):
+    if conditional.num_classes_of(config):
+      raise ValueError("Consistency models here are unconditional: set config.model.num_classes=0 "
+                       "with config.training.loss in " f"{consistency.CONSISTENCY_LOSSES}.")
+    return consistency.get_consistency_loss_fn(config, sde, model, train, teacher_score_fn)
   parametrization = parametrization_of(config)
   loss = str(tc.get("loss", None) or "dsm")
   if loss == "dsm" and (tc.get("t_sampling", None) or None) is not None:
@@ -267,7 +276,7 @@ def get_loss_fn(config, sde: sde_lib.SDE, model: nn.Module, train: bool) -> Loss
   if loss != "dsm":
     if loss not in LOSSES:
       raise ValueError(f"Unknown config.training.loss {loss!r}; choose one of "
-                       f"{['dsm'] + sorted(LOSSES)}.")
+                       f"{['dsm'] + sorted(LOSSES) + list(consistency.CONSISTENCY_LOSSES)}.")
     if not tc.continuous:
       raise ValueError(f"The {loss!r} loss is a continuous-time loss: set "
                        "config.training.continuous=True (or training.loss='dsm').")
@@ -428,6 +437,9 @@ class TrainState:
 
   step: int32 scalar, number of updates applied; params / ema_params: the network's 'params'
   collection and its EMA; opt_state: the optax state; key: raw uint32 PRNG key data [2];
+  target_params: the consistency-distillation target network theta- (an EMA of params with rate
+  ``consistency.target_ema``) when that is > 0 with ``training.loss='consistency_distillation'``,
+  else None;
   power_emas: the post-hoc EMA's power-function EMAs
   (:class:`score_sde.posthoc_ema.PowerEMAs`) when ``config.training.posthoc_ema_every > 0``, else
   None. A None field has no leaves and is not written to checkpoints
@@ -440,6 +452,7 @@ class TrainState:
   ema_params: Any
   key: Array
   power_emas: Any = None
+  target_params: Any = None
 
 
 def _params_of(variables: Any) -> Any:
@@ -464,7 +477,9 @@ def init_train_state(config, variables: Any, key: Array) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=get_optimizer(config).init(params),
                     ema_params=jax.tree.map(jnp.array, params), key=jnp.asarray(key),
-                    power_emas=posthoc_ema.init_power_emas(params, sigma_rels) if every else None)
+                    power_emas=posthoc_ema.init_power_emas(params, sigma_rels) if every else None,
+                    target_params=(jax.tree.map(jnp.array, params)
+                                   if consistency.target_ema_of(config) > 0 else None))
 
 
 def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module,
@@ -500,19 +515,30 @@ def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module,
     raise ValueError(f"Unknown config.training.nan_policy {nan_policy!r}; choose one of "
                      f"{NAN_POLICIES}.")
   grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+  target_rate = consistency.target_ema_of(config)
 
   def step_fn(state: TrainState, batch: Array) -> tuple[TrainState, dict]:
     key, loss_key = jax.random.split(state.key)
-    (loss, aux), grads = grad_fn(loss_key, state.params, batch)
+    if getattr(loss_fn, "uses_train_state", False):
+      (loss, aux), grads = grad_fn(loss_key, state.params, batch, _state_info(state))
+    else:
+      (loss, aux), grads = grad_fn(loss_key, state.params, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = optax.incremental_update(params, state.ema_params, 1.0 - rate)
+    target_params = state.target_params
+    if (target_params is None) != (target_rate == 0):
+      raise ValueError("config.consistency.target_ema and the train state's target_params "
+                       "disagree; build the state with init_train_state of the same config.")
+    if target_params is not None:   # theta- <- mu theta- + (1 - mu) theta
+      target_params = optax.incremental_update(params, target_params, 1.0 - target_rate)
     if nan_policy == "skip":
       ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-      params, opt_state, ema_params = keep((params, opt_state, ema_params),
-                                           (state.params, state.opt_state, state.ema_params))
+      params, opt_state, ema_params, target_params = keep(
+          (params, opt_state, ema_params, target_params),
+          (state.params, state.opt_state, state.ema_params, state.target_params))
     power_emas = state.power_emas
     if (power_emas is None) != (gammas is None):
       raise ValueError("config.training.posthoc_ema_every is "
@@ -522,7 +548,8 @@ def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module,
     if gammas is not None:
       power_emas = posthoc_ema.update_power_emas(power_emas, params, state.step + 1, gammas)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema_params, key=key, power_emas=power_emas)
+                              ema_params=ema_params, key=key, power_emas=power_emas,
+                              target_params=target_params)
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "lr": jnp.asarray(schedule(state.step), jnp.float32), **aux.get("metrics", {})}
     return new_state, metrics
@@ -552,11 +579,20 @@ def get_multi_step_fn(step_fn, n: int, unroll: bool = False):
   return multi_step_fn
 
 
-def get_eval_step_fn(config, sde: sde_lib.SDE, model: nn.Module):
-  """``eval_step(state, batch, key) -> loss``: the training loss of the EMA params (no dropout)."""
-  loss_fn = get_loss_fn(config, sde, model, train=False)
+def _state_info(state: TrainState) -> dict:
+  """What a loss with ``uses_train_state`` (the consistency losses) reads from the state."""
+  return {"step": state.step, "target_params": state.target_params}
+
+
+def get_eval_step_fn(config, sde: sde_lib.SDE, model: nn.Module,
+                     loss_fn: Optional[LossFn] = None):
+  """``eval_step(state, batch, key) -> loss``: the training loss of the EMA params (no dropout);
+  ``loss_fn`` (built with ``train=False``) defaults to :func:`get_loss_fn`'s."""
+  loss_fn = loss_fn or get_loss_fn(config, sde, model, train=False)
 
   def eval_step(state: TrainState, batch: Array, key: Array) -> Array:
+    if getattr(loss_fn, "uses_train_state", False):
+      return loss_fn(key, state.ema_params, batch, _state_info(state))[0]
     return loss_fn(key, state.ema_params, batch)[0]
 
   return eval_step

@@ -12,6 +12,7 @@ With x_t = alpha x_0 + sigma n (n ~ N(0, I)), every regression target is an exac
   'v'        v = alpha n - sigma x_0             from n = (sigma x_t + alpha F) / (alpha^2 + sigma^2)
   'flow'     u = alpha' x_0 + sigma' n = dx_t/dt  from n = (alpha F - alpha' x_t) / (alpha sigma' - alpha' sigma)
   'edm'      EDM preconditioning (below)         from x_0 = D(x_t)
+  'consistency'  a consistency model f(x_t, t)    from x_0 = f(x_t, t) (:class:`ConsistencyOutput`)
   =========  ==================================  ==========================================
 
 EDM preconditioning (Karras et al. 2022, Table 1), for any process: with sigma_e = sigma / alpha
@@ -42,8 +43,8 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["Parametrization", "PARAMETRIZATIONS", "get_parametrization", "check_parametrization",
-           "output_to_score", "parametrization_target"]
+__all__ = ["Parametrization", "PARAMETRIZATIONS", "ConsistencyOutput", "get_parametrization",
+           "check_parametrization", "output_to_score", "parametrization_target"]
 
 
 def _bmul(a: Array, x: Array) -> Array:
@@ -214,6 +215,86 @@ class EDMPreconditioning(Parametrization, name="edm"):
     return f"edm(sigma_data={self.sigma_data:g})"
 
 
+class ConsistencyOutput(Parametrization, name="consistency"):
+  """A consistency model (Song et al., ICML 2023): x0_hat = f(x_t, t) with the boundary
+  condition f(x, eps) = x built in, read on EDM's variables y = x_t / alpha, sigma_e = sigma / alpha:
+
+    d = max(sigma_e - sigma_min, 0),       sigma_min = sigma_e(eps) (1 + 1e-5)
+    c_skip = s_d^2 / (d^2 + s_d^2)         c_out = s_d d / sqrt(s_d^2 + sigma_e^2)
+    c_in = 1 / sqrt(sigma_e^2 + s_d^2)     label = sigma_e (as 'edm')
+    f(x_t, t) = c_skip y + c_out F(c_in y, sigma_e).
+
+  At t = eps, d = 0 exactly, so c_skip = 1 and c_out = 0 in floating point and f(x, eps) = y
+  bitwise (= x for VE / EDM, where alpha = 1). ``sigma_min`` is sigma_e(eps) raised by a relative
+  1e-5 so that float32 round-off in sigma(t) / alpha(t) at t = eps cannot leave a non-zero c_out
+  (times within that band, a relative 1e-5 of the boundary noise level, also return y). Build it
+  for an SDE with :meth:`for_sde` (``utils.parametrization_of`` does this from a config); the
+  boundary time is ``sde.sampling_eps``.
+
+  As a score model it reads s = (alpha f - x_t) / sigma^2, so every sampler accepts it and the
+  consistency sampler recovers f = (x_t + sigma^2 s) / alpha. It is trained by the consistency
+  losses of :mod:`score_sde.consistency`, not by a denoising loss (:meth:`target` raises).
+  """
+
+  preconditions = True
+  BOUNDARY_SLACK = 1e-5
+
+  def __init__(self, sigma_data: float = 0.5, sigma_min: Optional[float] = None):
+    sigma_data = float(sigma_data)
+    if not sigma_data > 0:
+      raise ValueError(f"config.model.sigma_data must be > 0 (consistency parametrization), got "
+                       f"{sigma_data}.")
+    if sigma_min is None or not float(sigma_min) > 0:
+      raise ValueError("The 'consistency' parametrization needs the boundary noise level "
+                       "sigma_min = sigma(eps) / alpha(eps) > 0 of its SDE: build it with "
+                       f"ConsistencyOutput.for_sde(sde, sigma_data), got sigma_min={sigma_min}.")
+    self.sigma_data, self.sigma_min = sigma_data, float(sigma_min)
+
+  @classmethod
+  def for_sde(cls, sde, sigma_data: Optional[float] = None,
+              eps: Optional[float] = None) -> "ConsistencyOutput":
+    """The parametrization whose boundary is at ``eps`` (default ``sde.sampling_eps``) of ``sde``:
+    sigma_min = sigma(eps) / alpha(eps) (float64) times (1 + :attr:`BOUNDARY_SLACK`)."""
+    eps = float(sde.sampling_eps if eps is None else eps)
+    with jax.ensure_compile_time_eval(), jax.enable_x64(True):   # host float64, even when traced
+      alpha, sigma = sde.marginal_coef(jnp.asarray([eps], jnp.float64))
+      sigma_e = float(sigma[0] / alpha[0])
+    return cls(0.5 if sigma_data is None else sigma_data,
+               sigma_e * (1.0 + cls.BOUNDARY_SLACK))
+
+  def coefficients(self, alpha: Array, sigma: Array) -> tuple[Array, Array, Array, Array]:
+    """``(sigma_e, c_skip, c_out, c_in)``, each ``[batch]``."""
+    sd = self.sigma_data
+    sigma_e = sigma / alpha
+    d = jnp.maximum(sigma_e - self.sigma_min, 0.0)
+    c_skip = sd**2 / (d**2 + sd**2)
+    c_out = sd * d * jax.lax.rsqrt(sd**2 + sigma_e**2)
+    return sigma_e, c_skip, c_out, jax.lax.rsqrt(sigma_e**2 + sd**2)
+
+  def network_input(self, x, alpha, sigma):
+    _, _, _, c_in = self.coefficients(alpha, sigma)
+    return _bmul(c_in, _bmul(1.0 / alpha, x))
+
+  def network_label(self, alpha, sigma):
+    return sigma / alpha
+
+  def denoise(self, out: Array, x: Array, alpha: Array, sigma: Array) -> Array:
+    """f(x_t, t) = c_skip y + c_out F, y = x_t / alpha: the consistency function ``[batch, ...]``."""
+    _, c_skip, c_out, _ = self.coefficients(alpha, sigma)
+    return _bmul(c_skip, _bmul(1.0 / alpha, x)) + _bmul(c_out, out)
+
+  def to_score(self, out, x, alpha, sigma, rates=None):
+    return _bmul(1.0 / sigma**2, _bmul(alpha, self.denoise(out, x, alpha, sigma)) - x)
+
+  def target(self, x0, noise, alpha, sigma, rates=None):
+    raise ValueError("The 'consistency' parametrization is trained with a consistency loss: set "
+                     "config.training.loss to 'consistency_distillation' or "
+                     "'consistency_training' (score_sde.consistency).")
+
+  def describe(self):
+    return f"consistency(sigma_data={self.sigma_data:g}, sigma_min={self.sigma_min:.6g})"
+
+
 def get_parametrization(parametrization: Union[str, Parametrization],
                         sigma_data: Optional[float] = None) -> Parametrization:
   """The :class:`Parametrization` named ``parametrization`` (an instance is returned as is).
@@ -225,6 +306,8 @@ def get_parametrization(parametrization: Union[str, Parametrization],
   cls = PARAMETRIZATIONS.get(check_parametrization(parametrization))
   if cls is EDMPreconditioning:
     return cls(0.5 if sigma_data is None else sigma_data)
+  if cls is ConsistencyOutput:
+    return cls(0.5 if sigma_data is None else sigma_data)  # raises: it needs the SDE (for_sde)
   return cls()
 
 

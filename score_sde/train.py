@@ -21,7 +21,8 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from score_sde import classifier, conditional, datasets, likelihood, losses, posthoc_ema, sde_lib
+from score_sde import (classifier, conditional, consistency, datasets, likelihood, losses,
+                       posthoc_ema, sde_lib)
 from score_sde import sampling as sampling_lib
 from score_sde.checkpointing import CheckpointMismatch, Checkpoints, run_fingerprint
 from score_sde.config_validation import validate_config
@@ -62,9 +63,15 @@ class Trainer:
     self.shape = data_shape(config)
     key = jax.random.PRNGKey(config.seed)
     init_key, state_key = jax.random.split(key)
+    self._eval_loss_fn = None
     if task is None:
       model, variables = create_model(config, init_key)
-      task = losses.Task(model, variables,
+      train_loss = None
+      if str(config.training.get("loss", None)) == "consistency_distillation":
+        teacher = consistency_teacher(config, self.sde)
+        train_loss = losses.get_loss_fn(config, self.sde, model, True, teacher)
+        self._eval_loss_fn = losses.get_loss_fn(config, self.sde, model, False, teacher)
+      task = losses.Task(model, variables, loss_fn=train_loss,
                          with_labels=bool(conditional.num_classes_of(config)))
     self.task = task
     self.model = task.model
@@ -197,7 +204,8 @@ class Trainer:
   def eval_loss(self, batch: jax.Array, key: jax.Array) -> jax.Array:
     """The training loss of the EMA params on ``batch`` (no dropout), one compiled program."""
     if self._eval_loss is None:
-      self._eval_loss = jax.jit(losses.get_eval_step_fn(self.config, self.sde, self.model))
+      self._eval_loss = jax.jit(losses.get_eval_step_fn(self.config, self.sde, self.model,
+                                                        self._eval_loss_fn))
     return self._eval_loss(self.state, batch, key)
 
   def sample(self, key: jax.Array, num_samples: int, params: Any = None,
@@ -329,6 +337,45 @@ class Trainer:
     if writer and samples.ndim == 4:
       from score_sde.plotting import image_grid
       writer.add_image("samples", image_grid(samples[:64]), step, dataformats="HWC")
+
+
+def consistency_teacher(config, sde: sde_lib.SDE) -> Callable:
+  """The teacher ``score_fn(x, t)`` of consistency distillation, ``config.consistency.teacher``:
+  'exact' (the exact score of the toy ``gmm`` mixture under ``sde``) or a config file whose
+  trained model (EMA params of the newest checkpoint under ``consistency.teacher_workdir``) is
+  the teacher. A teacher of another data shape or forward process is a ValueError naming the
+  fields (:func:`score_sde.consistency.teacher_config_errors`)."""
+  st = consistency.settings_of(config)
+  name = st["teacher"]
+  if not name:
+    raise ValueError("Consistency distillation needs config.consistency.teacher: 'exact' (toy "
+                     "gmm data) or the teacher's config file (with "
+                     "config.consistency.teacher_workdir).")
+  if name == "exact":
+    from score_sde.datasets import toy
+    if str(config.data.dataset).lower() != "gmm":
+      raise ValueError("config.consistency.teacher='exact' is the exact score of the toy mixture: "
+                       f"set config.data.dataset='gmm' (got {config.data.dataset!r}) or give a "
+                       "trained teacher's config file.")
+    return toy.get_toy_mixture(config).score_fn(sde)
+  teacher_config = consistency.load_teacher_config(name)
+  errors = consistency.teacher_config_errors(config, teacher_config)
+  if errors:
+    raise ValueError(" ".join(errors))
+  workdir = st["teacher_workdir"]
+  if not workdir or not os.path.isdir(workdir):
+    raise ValueError(f"config.consistency.teacher_workdir={workdir!r} must be the directory of the "
+                     f"teacher's checkpoints (trained with --config {name} --mode train).")
+  teacher = Trainer(teacher_config, workdir)
+  try:
+    step, teacher.state = teacher.checkpoints.restore_latest(teacher.state)
+  finally:
+    teacher.close()
+  if step is None:
+    raise FileNotFoundError(f"No teacher checkpoint under config.consistency.teacher_workdir="
+                            f"{workdir}; train the teacher first (--config {name} --mode train).")
+  logging.info("Consistency distillation from %s, step %d (%s).", name, step, workdir)
+  return teacher.score_fn(teacher.state.ema_params)
 
 
 def _flag_nonfinite(step_fn):

@@ -5,7 +5,7 @@ import json
 import os
 from typing import Any, Optional
 
-from score_sde.parametrizations import Parametrization, get_parametrization
+from score_sde.parametrizations import ConsistencyOutput, Parametrization, get_parametrization
 
 
 def data_shape(config) -> tuple[int, ...]:
@@ -22,10 +22,14 @@ def data_shape(config) -> tuple[int, ...]:
 
 def parametrization_of(config) -> Optional[Parametrization]:
   """The :class:`score_sde.parametrizations.Parametrization` of ``config.model.parametrization``
-  (with ``config.model.sigma_data`` for 'edm'), or None (absent, None or '': the SDE's default)."""
+  (with ``config.model.sigma_data`` for 'edm' and 'consistency', whose boundary sigma_min is that
+  of the config's SDE at its ``sampling_eps``), or None (absent, None or '': the SDE's default)."""
   name = config.model.get("parametrization", None) or None
   if name is None:
     return None
+  if name == ConsistencyOutput.name:   # its boundary is the SDE's sampling_eps
+    from score_sde import sde_lib
+    return ConsistencyOutput.for_sde(sde_lib.get_sde(config), config.model.get("sigma_data", None))
   return get_parametrization(name, config.model.get("sigma_data", None))
 
 

@@ -14,7 +14,8 @@ import inspect
 from typing import Callable
 
 _SAMPLERS: dict[str, Callable] = {}
-_SAMPLER_MODULES = ("score_sde.sampling.pc", "score_sde.sampling.ode", "score_sde.sampling.fast")
+_SAMPLER_MODULES = ("score_sde.sampling.pc", "score_sde.sampling.ode", "score_sde.sampling.fast",
+                    "score_sde.sampling.consistency")
 
 
 def register_sampler(name: str):
@@ -73,7 +74,8 @@ def sampler_options_from_config(config, sde) -> tuple[str, dict]:
 
   'pc' reads predictor / corrector / snr / n_steps_each / probability_flow / noise_removal (its
   step count is ``config.model.num_scales``, the SDE's N, unless ``options.num_steps``); 'ode'
-  reads rtol / atol / ode_method / noise_removal; every other (fast) sampler reads ``nfe``. Extra
+  reads rtol / atol / ode_method / noise_removal; every other (fast, consistency) sampler reads
+  ``nfe``. Extra
   options for any sampler go in ``config.sampling.options``.
   """
   s = config.sampling
