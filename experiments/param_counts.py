@@ -6,6 +6,11 @@
 Each config's network is built from ``config.model`` and initialized under ``jax.eval_shape``
 (abstract shapes, no FLOPs, no XLA compile), so the whole table takes seconds. Columns: config
 (module path under configs/), network (``config.model.name``), data shape, number of parameters.
+
+A second table lists the 12 DiT models at DiT's reference setting (``configs/dit/
+default_dit_configs.reference_config``: 32x32x4 latents, 1000 classes, learned sigma; not run
+configs): our count, the fixed position table DiT stores as a frozen parameter, and their sum,
+which is DiT's published count (DiT-XL/2: 675,129,632; tests/test_dit.py).
 """
 from __future__ import annotations
 
@@ -70,11 +75,39 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def dit_reference_rows() -> list[dict]:
+  """DiT-S/B/L/XL x 2/4/8 at DiT's reference setting: our parameters, the fixed position table
+  (T * D) and their sum, DiT's count."""
+  from configs.dit import default_dit_configs
+  from score_sde.models.dit import fixed_position_params
+  rows = []
+  for name in default_dit_configs.REFERENCE_NAMES:
+    cfg = default_dit_configs.reference_config(name)
+    ours, table_size = count_params(cfg), fixed_position_params(cfg)
+    rows.append({"config": f"DiT-{name}", "network": "dit", "data_shape": list(data_shape(cfg)),
+                 "params": ours, "position_table": table_size, "dit_count": ours + table_size})
+  return rows
+
+
+def dit_markdown(rows: list[dict]) -> str:
+  lines = ["| DiT model | data shape | parameters | + fixed position table | = DiT's count |",
+           "|---|---|---:|---:|---:|"]
+  for r in rows:
+    shape = "x".join(str(d) for d in r["data_shape"])
+    lines.append(f"| {r['config']} | {shape} | {r['params']:,} | {r['position_table']:,} | "
+                 f"{r['dit_count']:,} ({r['dit_count'] / 1e6:.2f}M) |")
+  return "\n".join(lines)
+
+
 def main(argv) -> None:
   common.no_arguments(argv)
   rows = table([n for n in config_names() if FLAGS.filter in n])
   common.log(markdown(rows))
-  common.write_result(FLAGS.out, rows, say=False)
+  dit_rows = [r for r in dit_reference_rows()   # any --filter that is part of 'dit DiT-XL/2'
+              if FLAGS.filter.lower() in f"dit {r['config']}".lower()]
+  if dit_rows:
+    common.log("\n" + dit_markdown(dit_rows))
+  common.write_result(FLAGS.out, rows + dit_rows, say=False)
 
 
 if __name__ == "__main__":
