@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from score_sde import sde_lib
-from score_sde.losses import Task
+from score_sde.losses import SplitLoss, Task
 from score_sde.conditional import num_classes_of
 from score_sde.guidance import LogpGradFn, logp_grad_from_logits
 from score_sde.models.toy import ToyClassifier
@@ -101,20 +101,24 @@ def get_classifier_loss_fn(sde: SDE, classifier, eps: float = 1e-5):
   t ~ U(eps, T), z ~ N(0, I), x_t = alpha(t) x_0 + sigma(t) z,
   loss = mean_batch(-log softmax(classifier(x_t, sigma(t)))[y]).
   """
-  def loss_fn(key, params, batch):
-    x, y = batch["image"], batch["label"]
+  def draw(key, batch):
+    x = batch["image"]
     t_key, z_key = jax.random.split(key)
     t = jax.random.uniform(t_key, (x.shape[0],), minval=eps, maxval=sde.T)
     z = jax.random.normal(z_key, x.shape, x.dtype)
-    mean, sigma = sde.marginal_prob(x, t)
-    logits = classifier.apply({"params": params}, mean + sde_lib.batch_mul(sigma, z), sigma,
-                              train=True)
+    return {"t": t, "noise": z}, None
+
+  def per_example(params, batch, draws, _):
+    x, y = batch["image"], batch["label"]
+    mean, sigma = sde.marginal_prob(x, draws["t"])
+    logits = classifier.apply({"params": params}, mean + sde_lib.batch_mul(sigma, draws["noise"]),
+                              sigma, train=True)
     logp = jax.nn.log_softmax(logits, axis=-1)
     y = y.astype(jnp.int32)
     nll = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
     acc = jnp.mean(jnp.argmax(logits, -1) == y)
-    return jnp.mean(nll), {"metrics": {"accuracy": acc}}
-  return loss_fn
+    return nll, {"metrics": {"accuracy": acc}}
+  return SplitLoss(draw, per_example)  # micro-batches: accuracy is a mean over equal sizes
 
 
 def classifier_run_config(config):

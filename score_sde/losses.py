@@ -44,6 +44,9 @@ the loss is the mean of l over the (global) batch. Every loss function has the s
 ``loss_fn(key, params, batch) -> (loss, aux)`` with ``params`` the network's 'params' collection
 (or the whole variables dict) and ``aux = {'losses': [batch], 'noise': z, 't' | 'labels': [batch]}``
 (unused outputs are dropped by XLA under jit). The key is split into (t or labels, z, dropout).
+The losses built here are :class:`SplitLoss` objects: the random draws and the per-example losses
+are separate stages, which is what makes gradient accumulation over micro-batches
+(``config.training.micro_batches``) equal to the full-batch step.
 
 Training state and steps: :class:`TrainState` is a plain pytree (step, params, opt_state,
 ema_params, key) that orbax saves and ``jax.jit`` shards; :func:`get_train_step_fn` returns a pure
@@ -59,6 +62,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from score_sde import conditional, consistency, sde_lib
@@ -69,10 +73,11 @@ from score_sde.utils import data_shape, parametrization_of
 Array = jax.Array
 LossFn = Callable[[Array, Any, Array], tuple[Array, dict]]
 
-__all__ = ["get_sde_loss_fn", "get_discrete_loss_fn", "get_weighted_loss_fn", "LOSSES",
+__all__ = ["SplitLoss", "get_sde_loss_fn", "get_discrete_loss_fn", "get_weighted_loss_fn", "LOSSES",
            "T_SAMPLINGS", "sample_t", "get_loss_fn", "Task", "TrainState",
            "init_train_state", "get_lr_schedule", "get_optimizer", "get_train_step_fn",
-           "get_multi_step_fn", "get_eval_step_fn"]
+           "get_multi_step_fn", "get_eval_step_fn", "micro_batches_of", "split_micro_batches",
+           "accumulated_value_and_grad"]
 
 NAN_POLICIES = ("stop", "skip")
 
@@ -82,6 +87,32 @@ def _reduce_op(reduce_mean: bool) -> Callable[[Array], Array]:
   if reduce_mean:
     return lambda x: jnp.mean(x.reshape(x.shape[0], -1), axis=-1)
   return lambda x: 0.5 * jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitLoss:
+  """A loss in two stages, so that a batch can be cut into micro-batches after its randomness is
+  drawn (gradient accumulation, :func:`get_train_step_fn`).
+
+  ``draw(key, batch) -> (draws, dropout_key)``: every per-example random quantity of the loss
+  (t or the discrete labels, the noise z, the class labels after label dropout) as a pytree whose
+  leaves have the batch's leading axis, and the network's dropout key;
+  ``per_example(params, batch, draws, dropout_key) -> (losses [batch], aux)``: the per-example
+  losses l_b, a pure function of its arguments, example b depending only on (batch[b], draws[b])
+  (the network treats examples independently: no batch statistics).
+
+  ``loss(key, params, batch) -> (mean_b l_b, aux)`` is the usual :data:`LossFn`, with the same
+  keys and values as a one-stage loss. Hence for micro-batches M_1..M_k of equal size m = B / k,
+  cut from (batch, draws) alike: mean_b l_b = (1/k) sum_i (1/m) sum_{b in M_i} l_b, and the same
+  for the gradients (only float round-off differs).
+  """
+  draw: Callable[[Array, Any], tuple[Any, Optional[Array]]]
+  per_example: Callable[[Any, Any, Any, Optional[Array]], tuple[Array, dict]]
+
+  def __call__(self, key: Array, params: Any, batch: Any) -> tuple[Array, dict]:
+    draws, dropout_key = self.draw(key, batch)
+    losses, aux = self.per_example(params, batch, draws, dropout_key)
+    return jnp.mean(losses), aux
 
 
 # --- losses ------------------------------------------------------------------------------------
@@ -99,12 +130,16 @@ def get_sde_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool, reduce_mean
     raise ValueError(f"Training eps must be in [0, T={sde.T}), got {eps}.")
   reduce_op = _reduce_op(reduce_mean)
 
-  def loss_fn(key: Array, params: Any, batch: Array):
+  def draw(key: Array, batch: Array):
     t_key, z_key, dropout_key = jax.random.split(key, 3)
-    model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
-    score_fn = get_score_fn(sde, model_fn, continuous=continuous, parametrization=parametrization)
     t = jax.random.uniform(t_key, (batch.shape[0],), minval=eps, maxval=sde.T)
     z = jax.random.normal(z_key, batch.shape, batch.dtype)
+    return {"t": t, "noise": z}, dropout_key
+
+  def per_example(params: Any, batch: Array, draws: dict, dropout_key: Array):
+    t, z = draws["t"], draws["noise"]
+    model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
+    score_fn = get_score_fn(sde, model_fn, continuous=continuous, parametrization=parametrization)
     mean, std = sde.marginal_prob(batch, t)
     x_t = mean + batch_mul(std, z)
     score = score_fn(x_t, t)
@@ -113,9 +148,9 @@ def get_sde_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool, reduce_mean
     else:
       g2 = sde.sde(jnp.zeros_like(batch), t)[1] ** 2
       losses = reduce_op(jnp.square(score + batch_mul(1.0 / std, z))) * g2
-    return jnp.mean(losses), {"losses": losses, "t": t, "noise": z}
+    return losses, {"losses": losses, "t": t, "noise": z}
 
-  return loss_fn
+  return SplitLoss(draw, per_example)
 
 
 def get_discrete_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool,
@@ -137,18 +172,22 @@ def get_discrete_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool,
                      "config.training.continuous=True or choose another parametrization.")
   reduce_op = _reduce_op(reduce_mean)
 
-  def loss_fn(key: Array, params: Any, batch: Array):
+  def draw(key: Array, batch: Array):
     label_key, z_key, dropout_key = jax.random.split(key, 3)
-    model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
     labels = jax.random.randint(label_key, (batch.shape[0],), 0, sde.N)
-    a, s = sde.discrete_kernel(labels, batch.dtype)
     z = jax.random.normal(z_key, batch.shape, batch.dtype)
+    return {"labels": labels, "noise": z}, dropout_key
+
+  def per_example(params: Any, batch: Array, draws: dict, dropout_key: Array):
+    labels, z = draws["labels"], draws["noise"]
+    model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
+    a, s = sde.discrete_kernel(labels, batch.dtype)
     x_i = batch_mul(a, batch) + batch_mul(s, z)
     target, weight = p.target(batch, z, a, s)
     losses = reduce_op(jnp.square(model_fn(x_i, labels) - target)) * weight
-    return jnp.mean(losses), {"losses": losses, "labels": labels, "noise": z}
+    return losses, {"losses": losses, "labels": labels, "noise": z}
 
-  return loss_fn
+  return SplitLoss(draw, per_example)
 
 
 # --- weighted denoising losses ------------------------------------------------------------------
@@ -230,12 +269,16 @@ def get_weighted_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool, loss: 
   reduce_op = _reduce_op(reduce_mean)
   p = sde_lib.get_parametrization(parametrization or sde.default_parametrization, sigma_data)
 
-  def loss_fn(key: Array, params: Any, batch: Array):
+  def draw(key: Array, batch: Array):
     t_key, z_key, dropout_key = jax.random.split(key, 3)
-    model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
-    network = get_network_fn(sde, model_fn, True, p)
     t = sample_t(t_key, batch.shape[0], sde, eps, how, t_mean, t_std)
     z = jax.random.normal(z_key, batch.shape, batch.dtype)
+    return {"t": t, "noise": z}, dropout_key
+
+  def per_example(params: Any, batch: Array, draws: dict, dropout_key: Array):
+    t, z = draws["t"], draws["noise"]
+    model_fn = get_model_fn(model, params, train=train, rng=dropout_key)
+    network = get_network_fn(sde, model_fn, True, p)
     alpha, sigma = sde.marginal_coef(t)
     x_t = batch_mul(alpha, batch) + batch_mul(sigma, z)
     out, alpha, sigma, rates = network(x_t, t)
@@ -244,9 +287,9 @@ def get_weighted_loss_fn(sde: sde_lib.SDE, model: nn.Module, train: bool, loss: 
     target, w = p.target(batch, z, alpha, sigma, rates)
     losses = reduce_op(jnp.square(out - target)) * w * weight_fn(alpha, sigma, rates,
                                                                  float(sigma_data))
-    return jnp.mean(losses), {"losses": losses, "t": t, "noise": z}
+    return losses, {"losses": losses, "t": t, "noise": z}
 
-  return loss_fn
+  return SplitLoss(draw, per_example)
 
 
 def get_loss_fn(config, sde: sde_lib.SDE, model: nn.Module, train: bool,
@@ -304,14 +347,16 @@ def get_loss_fn(config, sde: sde_lib.SDE, model: nn.Module, train: bool,
     return _conditional_loss_fn(make_inner, model, expected, num_classes,
                                 conditional.label_dropout_of(config) if train else 0.0)
   inner = make_inner(model)
+  image = lambda batch: batch["image"] if isinstance(batch, dict) else batch
 
-  def loss_fn(key: Array, params: Any, batch: Array):
-    if isinstance(batch, dict):
-      batch = batch["image"]
-    _check_batch(batch, expected)
-    return inner(key, params, batch)
+  def draw(key: Array, batch):
+    _check_batch(image(batch), expected)
+    return inner.draw(key, image(batch))
 
-  return loss_fn
+  def per_example(params: Any, batch, draws: Any, dropout_key: Array):
+    return inner.per_example(params, image(batch), draws, dropout_key)
+
+  return SplitLoss(draw, per_example)
 
 
 def _conditional_loss_fn(make_inner, model, expected, num_classes: int,
@@ -322,7 +367,10 @@ def _conditional_loss_fn(make_inner, model, expected, num_classes: int,
   (classifier-free guidance training). A plain array batch trains / evaluates the unconditional
   (null-label) score.
   """
-  def loss_fn(key: Array, params: Any, batch):
+  template = make_inner(model)  # its draws do not depend on the network
+  image = lambda batch: batch["image"] if isinstance(batch, dict) else batch
+
+  def draw(key: Array, batch):
     if isinstance(batch, dict):
       x, labels = batch["image"], batch["label"]
     else:
@@ -338,9 +386,14 @@ def _conditional_loss_fn(make_inner, model, expected, num_classes: int,
       if label_dropout > 0:
         drop = jax.random.uniform(drop_key, labels.shape) < label_dropout
         labels = jnp.where(drop, num_classes, labels)
-    return make_inner(conditional.WithClassLabels(model, labels))(key, params, x)
+    draws, dropout_key = template.draw(key, x)
+    return {"class_labels": labels, "inner": draws}, dropout_key
 
-  return loss_fn
+  def per_example(params: Any, batch, draws: dict, dropout_key: Array):
+    inner = make_inner(conditional.WithClassLabels(model, draws["class_labels"]))
+    return inner.per_example(params, image(batch), draws["inner"], dropout_key)
+
+  return SplitLoss(draw, per_example)
 
 
 def _check_batch(batch: Array, expected: tuple[int, ...], leading: int = 1) -> None:
@@ -496,6 +549,10 @@ def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module,
   whose loss or gradient is not finite leaves params, EMA and optimizer state unchanged (step and
   key still advance); with 'stop' (default) it is applied and the caller stops on the metrics.
 
+  With ``config.training.micro_batches = k > 1`` the loss and gradient are accumulated over k
+  micro-batches inside the step (:func:`accumulated_value_and_grad`): the same update as the
+  full batch up to float round-off, with the activations of B / k examples alive at a time.
+
   With ``config.training.posthoc_ema_every > 0`` the state's power EMAs are updated too
   (:func:`score_sde.posthoc_ema.update_power_emas`, t = step + 1) with the params the state keeps
   after this update, so a skipped update counts as a step at the unchanged params and each EMA stays
@@ -514,7 +571,11 @@ def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module,
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"Unknown config.training.nan_policy {nan_policy!r}; choose one of "
                      f"{NAN_POLICIES}.")
-  grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+  k = micro_batches_of(config)
+  if k == 1:
+    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+  else:
+    grad_fn = accumulated_value_and_grad(loss_fn, k)
   target_rate = consistency.target_ema_of(config)
 
   def step_fn(state: TrainState, batch: Array) -> tuple[TrainState, dict]:
@@ -555,6 +616,78 @@ def get_train_step_fn(config, sde: sde_lib.SDE, model: nn.Module,
     return new_state, metrics
 
   return step_fn
+
+
+def micro_batches_of(config) -> int:
+  """``config.training.micro_batches`` (absent or None: 1), checked to be an integer >= 1."""
+  k = config.training.get("micro_batches", None)
+  k = 1 if k is None else k
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"config.training.micro_batches must be an integer >= 1 (1: no gradient "
+                     f"accumulation), got {k!r}.")
+  return int(k)
+
+
+def split_micro_batches(tree: Any, k: int) -> Any:
+  """Every leaf [B, ...] -> [k, B / k, ...], micro-batch i holding examples i, i + k, i + 2k, ...
+
+  The strided cut keeps a batch sharded in contiguous per-device blocks evenly sharded: when k
+  divides the per-device batch, each device holds B / (k D) examples of every micro-batch and no
+  example moves between devices.
+  """
+  def cut(x):
+    if x.shape[0] % k:
+      raise ValueError(f"config.training.micro_batches={k} does not divide the batch of "
+                       f"{x.shape[0]} examples; choose a divisor of the per-device batch.")
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+  return jax.tree.map(cut, tree)
+
+
+def accumulated_value_and_grad(loss_fn: SplitLoss, k: int):
+  """``value_and_grad(key, params, batch) -> ((loss, aux), grads)`` of ``loss_fn`` accumulated over
+  k micro-batches in one ``lax.scan`` (gradient accumulation: ``jax.value_and_grad(loss_fn,
+  argnums=1, has_aux=True)`` with the activations of B / k examples alive at a time).
+
+  (draws, dropout_key) = loss_fn.draw(key, batch) for the whole batch, so every example sees the
+  t / z / labels it sees in the full-batch step; (batch, draws) are cut into micro-batches M_i
+  (:func:`split_micro_batches`) and
+
+    loss = (1/k) sum_i mean_{b in M_i} l_b,    grads = (1/k) sum_i grad_params mean_{b in M_i} l_b,
+
+  equal to the full batch's mean and gradient (equal sizes m = B / k) up to float round-off. The
+  network's dropout key of micro-batch i is fold_in(dropout_key, i): with dropout > 0 the masks are
+  other draws than the full batch's (same distribution), so only dropout-free losses match to
+  round-off. ``aux`` is ``{'metrics': mean over micro-batches of aux['metrics']}`` (per-example
+  outputs such as 'losses' are not kept).
+  """
+  if not isinstance(loss_fn, SplitLoss):
+    raise ValueError("config.training.micro_batches > 1 needs a loss built as a "
+                     "score_sde.losses.SplitLoss (draw / per_example stages); this task's loss "
+                     f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)!r} is not one: set "
+                     "micro_batches=1 or split the loss.")
+
+  def mean_loss(params, batch, draws, dropout_key):
+    losses, aux = loss_fn.per_example(params, batch, draws, dropout_key)
+    return jnp.mean(losses), aux.get("metrics", {})
+
+  grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
+
+  def value_and_grad(key: Array, params: Any, batch: Any):
+    draws, dropout_key = loss_fn.draw(key, batch)
+    micro = split_micro_batches((batch, draws), k)
+
+    def body(grad_sum, inputs):
+      i, (b, d) = inputs
+      dk = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+      (loss, metrics), grads = grad_fn(params, b, d, dk)
+      return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, (loss, metrics) = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    grads = jax.tree.map(lambda g: g / k, grad_sum)
+    return (jnp.mean(loss), {"metrics": jax.tree.map(jnp.mean, metrics)}), grads
+
+  return value_and_grad
 
 
 def get_multi_step_fn(step_fn, n: int, unroll: bool = False):

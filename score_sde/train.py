@@ -1,8 +1,10 @@
 """The training loop: data-parallel jitted steps, EMA, checkpoints, logging, snapshot sampling.
 
 Data parallelism uses one global ``Mesh`` over every device of every process with a single axis
-'data': the train state is replicated, each batch is sharded along its batch axis, and the
-gradient all-reduce comes from XLA (the loss is a mean over the global batch). Batch ``i`` of the
+'data': the train state is replicated (or, with ``config.training.param_sharding='fsdp'``, each
+parameter-shaped leaf is sharded over 'data': :func:`score_sde.distributed.state_shardings`), each
+batch is sharded along its batch axis, and the gradient all-reduce comes from XLA (the loss is a
+mean over the global batch). Batch ``i`` of the
 data stream is a pure function of (seed, i), and the PRNG key lives in the train state, so a run
 restarted from a checkpoint continues exactly where it stopped.
 """
@@ -23,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from score_sde import (classifier, conditional, consistency, datasets, likelihood, losses,
                        posthoc_ema, sde_lib)
+from score_sde import distributed
 from score_sde import sampling as sampling_lib
 from score_sde.checkpointing import CheckpointMismatch, Checkpoints, run_fingerprint
 from score_sde.config_validation import validate_config
@@ -54,10 +57,10 @@ class Trainer:
 
   def __init__(self, config, workdir: Optional[str] = None, mesh: Optional[Mesh] = None,
                task: Optional[losses.Task] = None, allow_config_mismatch: bool = False):
-    validate_config(config)
+    self.mesh = mesh or make_mesh()
+    validate_config(config, num_devices=self.mesh.size)  # the devices the batch is split over
     self.config = config
     self.workdir = workdir
-    self.mesh = mesh or make_mesh()
     self.replicated = NamedSharding(self.mesh, P())
     self.sde = sde_lib.get_sde(config)
     self.shape = data_shape(config)
@@ -76,7 +79,12 @@ class Trainer:
     self.task = task
     self.model = task.model
     state = losses.init_train_state(config, task.variables, state_key)
-    self.state = jax.device_put(state, self.replicated)
+    # Replicated, or sharded over the devices with config.training.param_sharding='fsdp'.
+    self.state_sharding = distributed.state_shardings(state, self.mesh,
+                                                      distributed.param_sharding_of(config))
+    if distributed.param_sharding_of(config) == "fsdp":
+      _log_fsdp(state.params, self.mesh.shape["data"])
+    self.state = jax.device_put(state, self.state_sharding)
     self.scaler = datasets.get_data_scaler(config)
     self.inverse_scaler = datasets.get_data_inverse_scaler(config)
     n = int(config.training.n_jitted_steps)
@@ -84,8 +92,8 @@ class Trainer:
                                                        loss_fn=task.loss_fn))
     self._multi_step = jax.jit(
         losses.get_multi_step_fn(step_fn, n),
-        in_shardings=(self.replicated, NamedSharding(self.mesh, P(None, "data"))),
-        out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+        in_shardings=(self.state_sharding, NamedSharding(self.mesh, P(None, "data"))),
+        out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
     self._eval_loss = None
     self._sample_fns: dict[int, Callable] = {}
     self._likelihood_fns: dict[tuple, Callable] = {}
@@ -176,7 +184,7 @@ class Trainer:
                     "(--allow_config_mismatch): the EMAs treat them as the params of every "
                     "earlier step.", fresh, step)
     return state.replace(power_emas=jax.device_put(
-        posthoc_ema.init_power_emas(state.params, rels), self.replicated))
+        posthoc_ema.init_power_emas(state.params, rels), self.state_sharding.power_emas))
 
   def close(self) -> None:
     """Closes the checkpoint managers (waits for pending writes)."""
@@ -376,6 +384,15 @@ def consistency_teacher(config, sde: sde_lib.SDE) -> Callable:
                             f"{workdir}; train the teacher first (--config {name} --mode train).")
   logging.info("Consistency distillation from %s, step %d (%s).", name, step, workdir)
   return teacher.score_fn(teacher.state.ema_params)
+
+
+def _log_fsdp(params: Any, n: int) -> None:
+  """Logs what FSDP over n devices shards (:func:`score_sde.distributed.fsdp_report`)."""
+  r = distributed.fsdp_report(params, n)
+  logging.info("FSDP over %d devices: params %.2f MB per device (%.2f MB replicated); %d leaves "
+               "sharded, %d replicated (no dimension divisible by %d): %s", n,
+               r["per_device_bytes"] / 2**20, r["total_bytes"] / 2**20, r["sharded_leaves"],
+               r["replicated_leaves"], n, r["replicated"])
 
 
 def _flag_nonfinite(step_fn):
