@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from score_sde import losses, sde_lib
+from score_sde import host_memory, losses, sde_lib
 from score_sde.models import utils as mutils
 from score_sde.utils import data_shape
 
@@ -66,10 +66,45 @@ def _peak_memory(device) -> tuple[int | None, str]:
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process max RSS"
 
 
-def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: int = 0) -> dict:
-  """Times one training update of ``configs.<name>`` at ``batch`` on the default device."""
-  config = importlib.import_module(f"configs.{name}").get_config()
+def _rss_now() -> int:
+  """Current resident set size of this process in bytes (Linux /proc/self/statm; 0 elsewhere)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except OSError:
+    return 0
+
+
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                 "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
+
+
+def memory_analysis(compiled) -> dict:
+  """XLA's ``compiled.memory_analysis()`` as a dict of the fields the backend reports: arguments,
+  outputs, aliased (donated input buffers reused for outputs), temporaries, generated code."""
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if analysis is None:
+    return {}
+  return {f: int(getattr(analysis, f)) for f in MEMORY_FIELDS if hasattr(analysis, f)}
+
+
+def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: int = 0,
+              config=None, remat: str | None = None, trim: bool = True) -> dict:
+  """Times one training update of ``configs.<name>`` at ``batch`` on the default device.
+
+  ``config``: use this config instead of importing ``configs.<name>`` (``name`` only labels the
+  record); ``remat``: set ``config.model.remat`` ('none' / 'blocks' / 'full'); ``trim``: return
+  the compiler's freed heap to the OS after compiling, as the Trainer does
+  (:func:`score_sde.host_memory.release_freed_memory`).
+  """
+  if config is None:
+    config = importlib.import_module(f"configs.{name}").get_config()
   config.model.dtype = dtype
+  if remat is not None:
+    config.model.remat = remat
   config.training.batch_size = batch
   device = jax.devices()[0]
   sde = sde_lib.get_sde(config)
@@ -95,12 +130,12 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   compile_cpu_s = time.process_time() - c0  # CPU seconds of all threads: robust to contention
-  temp_bytes = None
-  try:
-    analysis = compiled.memory_analysis()
-    temp_bytes = int(analysis.temp_size_in_bytes) if analysis is not None else None
-  except Exception:  # pylint: disable=broad-except
-    pass
+  xla_memory = memory_analysis(compiled)
+  temp_bytes = xla_memory.get("temp_size_in_bytes")
+  rss_compiled = _rss_now()
+  if trim:  # as the Trainer does after its first (compiling) call: score_sde.host_memory
+    host_memory.release_freed_memory()
+  rss_trimmed = _rss_now()
 
   for _ in range(warmup):
     state, metrics = compiled(state, x)
@@ -113,6 +148,7 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
   peak, source = _peak_memory(device)
   return {
       "config": name, "network": config.model.name, "params": n_params, "dtype": dtype,
+      "remat": str(config.model.get("remat", None) or "none"),
       "batch": batch, "steps": steps, "warmup": warmup,
       "device": str(device.device_kind), "platform": device.platform,
       "num_devices_visible": jax.device_count(), "jax": jax.__version__,
@@ -123,7 +159,9 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
       "step_s": round(run_s / max(steps, 1), 5),
       "images_per_s": round(batch * steps / run_s, 3) if steps else None,
       "peak_memory_bytes": peak, "peak_memory_source": source,
-      "xla_temp_bytes": temp_bytes, "final_loss": float(metrics["loss"]),
+      "xla_temp_bytes": temp_bytes, "xla_memory_analysis": xla_memory,
+      "rss_after_compile_bytes": rss_compiled, "rss_after_trim_bytes": rss_trimmed,
+      "malloc_trim": bool(trim), "final_loss": float(metrics["loss"]),
       "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
   }
 

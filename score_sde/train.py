@@ -29,6 +29,7 @@ from score_sde import distributed
 from score_sde import sampling as sampling_lib
 from score_sde.checkpointing import CheckpointMismatch, Checkpoints, run_fingerprint
 from score_sde.config_validation import validate_config
+from score_sde.host_memory import release_freed_memory
 from score_sde.models import create_model, get_model_fn, get_score_fn
 from score_sde.signals import StopSignals
 from score_sde.utils import data_shape, parametrization_of
@@ -95,6 +96,7 @@ class Trainer:
         in_shardings=(self.state_sharding, NamedSharding(self.mesh, P(None, "data"))),
         out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
     self._eval_loss = None
+    self._compiled_step = False
     self._sample_fns: dict[int, Callable] = {}
     self._likelihood_fns: dict[tuple, Callable] = {}
     self.checkpoints = None
@@ -207,6 +209,8 @@ class Trainer:
   def train_steps(self, local_batches: list[dict]) -> dict:
     """Runs ``n_jitted_steps`` updates (one compiled call); returns the metrics (on device)."""
     self.state, metrics = self._multi_step(self.state, self.global_batch(local_batches))
+    if not self._compiled_step:  # the step is compiled now: give the compiler's heap back
+      self._compiled_step = release_freed_memory() or True
     return metrics
 
   def eval_loss(self, batch: jax.Array, key: jax.Array) -> jax.Array:
