@@ -16,10 +16,11 @@ DETERMINISTIC = {
     "ode": dict(rtol=1e-3, atol=1e-3),
     "ddim": dict(nfe=10), "euler": dict(nfe=10), "heun": dict(nfe=10),
     "dpm_solver": dict(nfe=10), "dpm_solver_pp": dict(nfe=10), "unipc": dict(nfe=10),
+    "consistency": dict(nfe=1),
 }
 STOCHASTIC = {"pc": dict(predictor="reverse_diffusion", corrector="langevin", num_steps=50),
               "ddim": dict(nfe=10, eta=1.0), "dpm_solver_pp": dict(nfe=10, eta=1.0),
-              "heun": dict(nfe=10, S_churn=5.0)}
+              "heun": dict(nfe=10, S_churn=5.0), "consistency": dict(nfe=3)}
 
 
 def test_every_registered_sampler_is_covered():
