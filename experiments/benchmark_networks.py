@@ -17,6 +17,9 @@ figure that does not depend on what else runs.
   python -m experiments.benchmark_networks --batch 128 --steps 20 --dtype bfloat16 \
       --out bench_gpu_bf16.json
 
+``--remat none,blocks,full`` runs each config once per ``config.model.remat`` value (rematerialization,
+docs/networks.md); on CPU the peak RSS is the process's, so measure one value per process.
+
 ``--dtype bfloat16`` sets ``config.model.dtype='bfloat16'``: bf16 convolutions / matmuls, float32
 parameters, normalization statistics, network output, loss and optimizer.
 """
@@ -51,6 +54,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.", **fv)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "config.model.dtype: compute "
                     "dtype (params / loss stay float32).", **fv)
+  flags.DEFINE_list("remat", ["none"], "config.model.remat values to run for each config "
+                    "('none', 'blocks', 'full'): one record per (config, remat).", **fv)
   flags.DEFINE_string("out", None, "Write the records as JSON here.", **fv)
 
 
@@ -169,11 +174,12 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
 def main(argv) -> None:
   common.no_arguments(argv)
   records = []
-  for name in FLAGS.configs:
-    r = benchmark(name, FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.dtype)
+  for name, remat in [(n, m) for n in FLAGS.configs for m in FLAGS.remat]:
+    r = benchmark(name, FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.dtype, remat=remat)
     records.append(r)
     mem = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']})"
     print(f"{r['config']} [{r['network']}, {r['params'] / 1e6:.1f}M params, {r['dtype']}, "
+          f"remat {r['remat']}, "
           f"{r['platform']}: {r['device']}] batch {r['batch']}: init {r['init_s']:.1f} s, "
           f"trace+lower {r['trace_lower_s']:.1f} s, compile {r['compile_s']:.1f} s "
           f"({r['compile_cpu_s']:.1f} CPU s, load {r['load_avg_1min']}), "
