@@ -10,8 +10,11 @@ intermediates are recomputed in the backward pass (one more forward through it):
     are the blocks' inputs and outputs, the inside of one block is recomputed at a time. About one
     extra forward pass of the blocks.
   * ``'full'``: the whole network forward is one checkpoint (:func:`score_sde.models.get_model_fn`):
-    only its inputs are stored; the backward pass recomputes the forward with all its
-    intermediates alive at once, so the peak is about that of the forward pass alone.
+    only its inputs are stored between the forward and the backward pass, which recomputes the
+    forward and then needs all its intermediates at once: for a loss with one network call the
+    peak is that of ``'none'`` (measured: same XLA temporaries, docs/networks.md); it saves memory
+    only where other work happens between a network call and its backward (several network calls
+    in one loss).
 
 Values and gradients are the same as without remat (XLA may reassociate float operations), and the
 parameter tree is unchanged: blocks are lifted with ``flax.linen.remat`` applied to a function of
