@@ -16,7 +16,7 @@ from experiments_helpers import run_experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODULES = sorted(m.name for m in pkgutil.iter_modules(experiments.__path__))
-SHARED = ("common", "diffusers_reference", "mnist_setup")  # imported by scripts, never run
+SHARED = ("common", "diffusers_reference", "mnist_setup", "reproduce_rows")  # imported by scripts, never run
 SCRIPTS = [m for m in MODULES if m not in SHARED]
 
 

@@ -11,7 +11,7 @@ from configs.toy import ve as toy_ve
 from score_sde import losses, parametrizations, sde_lib
 from score_sde.config_validation import validate_config
 from score_sde.models import create_model, get_model_fn, get_network_fn, get_score_fn
-from score_sde.parametrizations import PARAMETRIZATIONS, get_parametrization
+from score_sde.parametrizations import PARAMETRIZATIONS, ConsistencyOutput, get_parametrization
 
 
 @pytest.fixture(scope="module", params=["vp", "ve"])
@@ -24,7 +24,19 @@ def setup(request):
   return cfg, sde, model, variables["params"], batch
 
 
-@pytest.mark.parametrize("name", sorted(PARAMETRIZATIONS))
+# 'consistency' has no denoising target: it is trained by score_sde.consistency's losses.
+DENOISING = sorted(set(PARAMETRIZATIONS) - {"consistency"})
+
+
+def test_consistency_parametrization_refuses_a_denoising_target():
+  sde = sde_lib.VPSDE()
+  z = jnp.zeros((2, 3))
+  (a, s), rates = sde.marginal_rates(jnp.array([0.3, 0.6]))
+  with pytest.raises(ValueError, match="consistency loss"):
+    ConsistencyOutput.for_sde(sde, 0.5).target(z, z, a, s, rates)
+
+
+@pytest.mark.parametrize("name", DENOISING)
 def test_targets_map_to_the_true_score_and_weights_convert_errors(name):
   """target -> score is -n / sigma exactly, and ||eps_hat - n||^2 = w ||F - target||^2."""
   sde = sde_lib.VPSDE()
