@@ -20,6 +20,9 @@ def add_runtime_fields(config: ml_collections.ConfigDict) -> ml_collections.Conf
   config.training.t_std = placeholder(float)
   config.model.parametrization = placeholder(str)  # None: the SDE's
   config.model.sigma_data = 0.5
+  config.training.micro_batches = 1            # gradient accumulation inside the step
+  config.training.param_sharding = "replicated"  # or 'fsdp'
+  config.model.remat = "none"                  # 'none' | 'blocks' | 'full'
   sampling = config.sampling
   sampling.method = "pc"
   sampling.predictor = "euler_maruyama"

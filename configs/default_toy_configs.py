@@ -30,6 +30,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.sde = "vpsde"
   training.nan_policy = "stop"       # 'stop' | 'skip' non-finite updates
   training.loss = "dsm"              # 'dsm' | 'eps' | 'x0' | 'v' | 'flow_matching' | 'edm'
+  training.micro_batches = 1         # gradient accumulation inside the step
+  training.param_sharding = "replicated"  # or 'fsdp' (docs/distributed.md)
   training.t_sampling = placeholder(str)   # None: the loss's ('uniform'; 'lognormal' for 'edm')
   training.t_mean = placeholder(float)     # logit_normal / lognormal location (None: 0 / -1.2)
   training.t_std = placeholder(float)      # logit_normal / lognormal scale (None: 1 / 1.2)
@@ -87,6 +89,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.ema_rate = 0.999
   model.parametrization = placeholder(str)  # None: the SDE's ('eps' VP, 'score' VE, 'edm' EDM)
   model.sigma_data = 0.5             # EDM preconditioning / loss
+  model.remat = "none"               # 'none' | 'blocks' | 'full' (docs/configs.md)
   model.dropout = 0.0
   model.sigma_min = 0.01
   model.sigma_max = 12.0
