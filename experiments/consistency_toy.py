@@ -19,19 +19,17 @@ distance to held-out data, next to its noise floor (two held-out sets) and to th
 """
 from __future__ import annotations
 
-import importlib
 import os
-import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
+from experiments.recipes_toy import recipe_config, train_and_load
 from score_sde.datasets import toy
 from score_sde.evaluation import evaluate
 from score_sde.sampling import get_sampler
-from score_sde.train import train
 
 FLAGS = flags.FLAGS
 
@@ -47,17 +45,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                        **fv)
   flags.DEFINE_integer("seeds", 3, "Sampler seeds per setting (mean and std reported).", **fv)
   flags.DEFINE_string("out", None, "Write the JSON result here.", **fv)
-
-
-def toy_config(name: str, steps: int):
-  config = importlib.import_module(f"configs.toy.{name}").get_config()
-  t = config.training
-  t.n_iters = steps
-  t.snapshot_freq = steps
-  t.snapshot_freq_for_preemption = min(t.snapshot_freq_for_preemption, steps)
-  t.snapshot_sampling = False
-  t.log_freq = min(t.log_freq, steps)
-  return config
 
 
 def _energy(trainer, sampler, score_fn, seeds: int) -> dict:
@@ -115,11 +102,8 @@ def greedy_times(trainer, score_fn, nfe_max: int, num: int, candidates: int = 40
 
 def run_config(name: str, workdir: str, steps: int, nfes: list[int], num: int,
                seeds: int) -> dict:
-  config = toy_config(name, steps)
-  start = time.time()
-  train(config, workdir)
-  train_s = time.time() - start
-  trainer, step = evaluate._load(config, workdir)
+  config = recipe_config(name, steps)
+  trainer, step, train_s = train_and_load(config, workdir)
   shape = (num,) + trainer.shape
   out = {"config": f"configs/toy/{name}.py", "sde": repr(trainer.sde),
          "loss": config.training.loss, "steps": step, "train_seconds": round(train_s, 1),

@@ -80,7 +80,7 @@ def run(workdir: str, steps: int, every: int, sigma_rels: list[float], num_sampl
   t0 = time.time()
   train(config, workdir)
   train_s = time.time() - t0
-  trainer, step = evaluate._load(config, workdir)
+  trainer, step = evaluate.load_trainer(config, workdir)
   state = jax.device_get(trainer.state)
   snap_dir = posthoc_ema.snapshot_dir(workdir)
   tracked = posthoc_ema.tracking_of(config)[1]

@@ -58,13 +58,20 @@ def recipe_config(name: str, steps: int):
   return config
 
 
-def run_recipe(name: str, workdir: str, steps: int, nfes: list[int], num: int,
-               num_bpd: int) -> dict:
-  config = recipe_config(name, steps)
+def train_and_load(config, workdir: str):
+  """Trains ``config`` in ``workdir`` (resuming what is there) and returns (Trainer with the
+  final checkpoint, its step, training wall seconds)."""
   start = time.time()
   train(config, workdir)
   train_s = time.time() - start
-  trainer, step = evaluate._load(config, workdir)
+  trainer, step = evaluate.load_trainer(config, workdir)
+  return trainer, step, train_s
+
+
+def run_recipe(name: str, workdir: str, steps: int, nfes: list[int], num: int,
+               num_bpd: int) -> dict:
+  config = recipe_config(name, steps)
+  trainer, step, train_s = train_and_load(config, workdir)
   score_fn = trainer.score_fn(trainer.state.ema_params)
   key = jax.random.PRNGKey(0)
   out = {"config": f"configs/toy/{name}.py", "sde": repr(trainer.sde),

@@ -34,7 +34,7 @@ from score_sde.train import Trainer, make_mesh, summary_writer
 from score_sde.utils import data_shape, read_json, write_json
 
 
-def _load(config, workdir: str, step: Optional[int] = None,
+def load_trainer(config, workdir: str, step: Optional[int] = None,
           allow_config_mismatch: bool = False) -> tuple[Trainer, int]:
   """A Trainer with the checkpoint ``step`` restored, or the newest readable one (falling back
   from unreadable ones, with a warning) when ``step`` is None."""
@@ -317,7 +317,7 @@ def run_sample(config, workdir: str, step: Optional[int] = None,
   ``step``); writes .npz and .png; returns their directory. SIGTERM / SIGINT stop after the batch
   in flight (nothing written) and raise :class:`score_sde.signals.Interrupted`."""
   with StopSignals() as signals:
-    trainer, step = _load(config, workdir, step, allow_config_mismatch)
+    trainer, step = load_trainer(config, workdir, step, allow_config_mismatch)
     try:
       key = jax.random.PRNGKey(config.seed + 3)
       samples, nfe = trainer.sample(key, int(config.sampling.num_samples), signals=signals)
