@@ -140,7 +140,7 @@ def _timed_twice(fn, *args) -> tuple[float, float, Any]:
 def _peak_device_bytes() -> tuple[Optional[int], str]:
   from experiments import benchmark_networks
   import jax
-  return benchmark_networks._peak_memory(jax.devices()[0])  # pylint: disable=protected-access
+  return benchmark_networks.peak_memory(jax.devices()[0])
 
 
 def run_train(net: str, dtype: str, remat: str, smoke: bool) -> dict:

@@ -59,7 +59,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("out", None, "Write the records as JSON here.", **fv)
 
 
-def _peak_memory(device) -> tuple[int | None, str]:
+def peak_memory(device) -> tuple[int | None, str]:
   """(bytes, source): device allocator peak where the backend reports it, else process max RSS."""
   stats = None
   try:
@@ -150,7 +150,7 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
     state, metrics = compiled(state, x)
   jax.block_until_ready((state, metrics))
   run_s = time.perf_counter() - t0
-  peak, source = _peak_memory(device)
+  peak, source = peak_memory(device)
   return {
       "config": name, "network": config.model.name, "params": n_params, "dtype": dtype,
       "remat": str(config.model.get("remat", None) or "none"),
