@@ -249,10 +249,11 @@ def get_classifier(s: Settings, train_images: np.ndarray,
 
 
 def get_score_model(s: Settings, config, config_name: str = CONFIG_NAME,
-                    model_dir: Optional[str] = None):
+                    model_dir: Optional[str] = None, teacher: Optional[Callable] = None):
   """Trains (or resumes / reuses) the U-Net of ``config`` (``config_name``: the file it comes from,
   for the record) in ``<model_dir>/score_model_nf*_b*_seed*`` (``model_dir`` default
-  ``s.workdir``).
+  ``s.workdir``). ``teacher``: the teacher score_fn of a consistency-distillation config (passed
+  to the Trainer).
 
   Returns (trainer, single-device EMA params, info dict).
   """
@@ -264,7 +265,7 @@ def get_score_model(s: Settings, config, config_name: str = CONFIG_NAME,
   if s.train_devices:
     mesh = jax.make_mesh((s.train_devices,), ("data",), axis_types=(AxisType.Auto,),
                          devices=jax.devices()[:s.train_devices])
-  trainer = Trainer(config, workdir, mesh=mesh)
+  trainer = Trainer(config, workdir, mesh=mesh, teacher=teacher)
   t0 = time.time()
   try:
     last = trainer.train()

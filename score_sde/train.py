@@ -50,6 +50,9 @@ class Trainer:
 
   With a ``workdir`` its checkpoints carry the run's fingerprint and restoring one written by
   another configuration raises (:mod:`score_sde.checkpointing`) unless ``allow_config_mismatch``.
+  ``teacher``: the teacher ``score_fn(x, t)`` of consistency distillation, given directly (e.g. a
+  teacher trained with command-line overrides, which its config file does not carry); default
+  :func:`consistency_teacher` of ``config.consistency``.
 
   Attributes of interest to notebooks and tests: ``sde``, ``model``, ``state`` (the replicated
   :class:`score_sde.losses.TrainState`), ``mesh``, ``score_fn(params)``. The jitted programs
@@ -57,7 +60,8 @@ class Trainer:
   """
 
   def __init__(self, config, workdir: Optional[str] = None, mesh: Optional[Mesh] = None,
-               task: Optional[losses.Task] = None, allow_config_mismatch: bool = False):
+               task: Optional[losses.Task] = None, allow_config_mismatch: bool = False,
+               teacher: Optional[Callable] = None):
     self.mesh = mesh or make_mesh()
     validate_config(config, num_devices=self.mesh.size)  # the devices the batch is split over
     self.config = config
@@ -72,7 +76,8 @@ class Trainer:
       model, variables = create_model(config, init_key)
       train_loss = None
       if str(config.training.get("loss", None)) == "consistency_distillation":
-        teacher = consistency_teacher(config, self.sde)
+        if teacher is None:
+          teacher = consistency_teacher(config, self.sde)
         train_loss = losses.get_loss_fn(config, self.sde, model, True, teacher)
         self._eval_loss_fn = losses.get_loss_fn(config, self.sde, model, False, teacher)
       task = losses.Task(model, variables, loss_fn=train_loss,

@@ -258,3 +258,22 @@ def test_mnist_configs_trace(module):
   out = jax.eval_shape(lambda b: loss_fn(jax.random.PRNGKey(1), variables["params"], b,
                                          {"step": jnp.int32(0), "target_params": None}), batch)
   assert out[0].shape == () and out[1]["losses"].shape == (4,)
+
+
+def test_trainer_takes_the_teacher_directly():
+  """Trainer(teacher=score_fn) distils from that function (e.g. a teacher trained with command-line
+  overrides its config file does not carry) instead of config.consistency.teacher: the exact
+  mixture score given directly gives the config's own loss; another score another loss."""
+  from score_sde.datasets import toy
+  from score_sde.train import Trainer
+  config = cd_vp.get_config()
+  default = Trainer(config)
+  sde = default.sde
+  exact = toy.get_toy_mixture(config).score_fn(sde)
+  batch = jnp.asarray(toy.get_toy_mixture(config).sample(jax.random.PRNGKey(3), 64))
+  key = jax.random.PRNGKey(4)
+  same = Trainer(config, teacher=exact)
+  other = Trainer(config, teacher=lambda x, t: jnp.zeros_like(x))
+  reference = float(default.eval_loss(batch, key))
+  assert float(same.eval_loss(batch, key)) == pytest.approx(reference, rel=1e-6)
+  assert abs(float(other.eval_loss(batch, key)) - reference) > 1e-3 * abs(reference)
