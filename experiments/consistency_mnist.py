@@ -40,7 +40,6 @@ import time
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -118,42 +117,15 @@ def greedy_times(trainer, params, scorer: Scorer, s: Settings, x_T: np.ndarray, 
   """{k: [t_1, ..., t_{k-1}]} for k = 2 .. k_max, chosen greedily on training-image FD (module
   docstring). ``x_T`` is a prior draw other than the reported one."""
   from score_sde.sampling import get_sampler
-  from score_sde.sampling.schedules import get_time_steps
-  sde = trainer.sde
+  from score_sde.sampling.consistency import greedy_consistency_times
   batch, _ = s.batching
   shape = (batch,) + trainer.shape
-  grid = get_time_steps(sde, candidates, "edm")[1:-1]
-  a_e, s_e = sde.marginal_coef(jnp.float32(sde.sampling_eps))
-  sig_eps = float(s_e / a_e)
-  score_fn = trainer.score_fn(params)
-
-  @jax.jit
-  def renoise_denoise(x0, key, t):
-    a, sig = sde.marginal_coef(t)
-    x = a * x0 + a * jnp.sqrt(jnp.maximum((sig / a) ** 2 - sig_eps**2, 0.0)) * \
-        jax.random.normal(key, x0.shape)
-    return (x + sig**2 * score_fn(x, jnp.full((x.shape[0],), t, jnp.float32))) / a
-
-  x0, _, _ = sample(get_sampler("consistency", sde, shape, nfe=1), trainer.score_fn, params,
-                    jax.random.PRNGKey(1000 + s.seed), s, x_T)
-  chosen, out = [], {}
-  batches = [slice(i, i + batch) for i in range(0, len(x0), batch)]
-  for k in range(2, k_max + 1):
-    best = None
-    for t in grid:
-      if chosen and t >= chosen[-1]:
-        continue
-      key = jax.random.PRNGKey(2000 + k)
-      x = np.concatenate([np.asarray(renoise_denoise(x0[b], jax.random.fold_in(key, i),
-                                                     jnp.float32(t)))
-                          for i, b in enumerate(batches)])
-      fd = scorer.fd(x, against="train")
-      if best is None or fd < best[0]:
-        best = (fd, float(t), x)
-    chosen.append(best[1])
-    x0 = best[2]
-    out[k] = list(chosen)
-  return out
+  x0, _, _ = sample(get_sampler("consistency", trainer.sde, shape, nfe=1), trainer.score_fn,
+                    params, jax.random.PRNGKey(1000 + s.seed), s, x_T)
+  return greedy_consistency_times(
+      trainer.sde, trainer.score_fn(params), x0, k_max,
+      lambda x: scorer.fd(x, against="train"), lambda k: jax.random.PRNGKey(2000 + k),
+      candidates=candidates, batch=batch)
 
 
 def train(s: Settings, name: str, steps: int, teacher=None):

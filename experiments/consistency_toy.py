@@ -66,38 +66,14 @@ def greedy_times(trainer, score_fn, nfe_max: int, num: int, candidates: int = 40
   smallest energy distance to fresh samples of the exact mixture (selection sets: other keys than
   the reported ones, and not the held-out data). Candidates: EDM's rho = 7 grid of ``candidates``
   times. Returns {k: [t_1, ..., t_{k-1}]} for k = 2 .. nfe_max."""
-  import jax.numpy as jnp
   from score_sde.evaluation import metrics
-  from score_sde.sampling.schedules import get_time_steps
-  sde, shape = trainer.sde, (num,) + trainer.shape
-  grid = get_time_steps(sde, candidates, "edm")[1:-1]
-  a_e, s_e = sde.marginal_coef(jnp.float32(sde.sampling_eps))
-  sig_eps = float(s_e / a_e)
+  from score_sde.sampling.consistency import greedy_consistency_times
+  shape = (num,) + trainer.shape
   ref = np.asarray(toy.get_toy_mixture(trainer.config).sample(jax.random.PRNGKey(123), num))
-
-  @jax.jit
-  def renoise_denoise(x0, key, t):
-    a, s = sde.marginal_coef(t)
-    noise = a * jnp.sqrt(jnp.maximum((s / a) ** 2 - sig_eps**2, 0.0))
-    x = a * x0 + noise * jax.random.normal(key, shape)
-    tt = jnp.full((num,), t, jnp.float32)
-    return (x + s**2 * score_fn(x, tt)) / a
-
-  first, _ = get_sampler("consistency", sde, shape, nfe=1)(jax.random.PRNGKey(77), score_fn)
-  chosen, x0, out = [], first, {}
-  for k in range(2, nfe_max + 1):
-    best = None
-    for t in grid:
-      if chosen and t >= chosen[-1]:
-        continue
-      x = renoise_denoise(x0, jax.random.PRNGKey(1000 + k), jnp.float32(t))
-      e = float(metrics.energy_distance(np.asarray(x), ref))
-      if best is None or e < best[0]:
-        best = (e, float(t), x)
-    chosen.append(best[1])
-    x0 = best[2]
-    out[k] = list(chosen)
-  return out
+  first, _ = get_sampler("consistency", trainer.sde, shape, nfe=1)(jax.random.PRNGKey(77), score_fn)
+  return greedy_consistency_times(
+      trainer.sde, score_fn, first, nfe_max, lambda x: metrics.energy_distance(x, ref),
+      lambda k: jax.random.PRNGKey(1000 + k), candidates=candidates)
 
 
 def run_config(name: str, workdir: str, steps: int, nfes: list[int], num: int,

@@ -277,3 +277,42 @@ def test_trainer_takes_the_teacher_directly():
   reference = float(default.eval_loss(batch, key))
   assert float(same.eval_loss(batch, key)) == pytest.approx(reference, rel=1e-6)
   assert abs(float(other.eval_loss(batch, key)) - reference) > 1e-3 * abs(reference)
+
+
+def test_greedy_times_pick_the_best_candidate_on_gaussian_data():
+  """greedy_consistency_times with the exact score of N(0, 1) data under the VP SDE, where one
+  re-noise / denoise step at t (u = alpha(t)^2) maps samples of variance v to variance
+  u^2 v + u (1 - u) - u^2 sigma_e(eps)^2: with distance (var - 1)^2 each chosen time is (within
+  the sampling noise of the variance) the best candidate below the last one, and the times fall."""
+  sde = sde_lib.VPSDE()
+  score_fn = lambda x, t: -x               # VP keeps N(0, 1): alpha^2 + sigma^2 = 1
+  n, candidates = 200_000, 16
+  x_T = sde.prior_sampling(jax.random.PRNGKey(0), (n, 1))
+  x0, _ = get_sampler("consistency", sde, (n, 1), nfe=1)(jax.random.PRNGKey(1), score_fn, x_T)
+  calls = []
+
+  def distance(x):
+    calls.append(len(x))
+    return (float(np.var(x)) - 1.0) ** 2
+
+  from score_sde.sampling.consistency import greedy_consistency_times
+  from score_sde.sampling.schedules import get_time_steps
+  out = greedy_consistency_times(sde, score_fn, x0, 4, distance,
+                                 lambda k: jax.random.PRNGKey(10 + k), candidates=candidates)
+  assert sorted(out) == [2, 3, 4] and [len(out[k]) for k in (2, 3, 4)] == [1, 2, 3]
+  assert out[3][:1] == out[2] and out[4][:2] == out[3]
+  times = out[4]
+  assert np.all(np.diff(times) < 0) and all(calls[i] == n for i in range(len(calls)))
+  grid = get_time_steps(sde, candidates, "edm")[1:-1]
+  a_e, s_e = sde.marginal_coef(jnp.float32(sde.sampling_eps))
+  s_eps2 = float(s_e / a_e) ** 2
+  u_of = lambda t: float(sde.marginal_coef(jnp.float32(t))[0]) ** 2
+  v, last = float(np.var(np.asarray(x0))), np.inf
+  for t_k in times:
+    allowed = [t for t in grid if t < last]
+    dist = lambda t: (u_of(t) ** 2 * v + u_of(t) * (1 - u_of(t)) - u_of(t) ** 2 * s_eps2 - 1) ** 2
+    assert t_k in [pytest.approx(t) for t in allowed]
+    assert dist(t_k) <= min(dist(t) for t in allowed) + 2e-3, (t_k, allowed)
+    u = u_of(t_k)
+    v, last = u**2 * v + u * (1 - u) - u**2 * s_eps2, t_k
+  assert abs(u_of(times[0]) - 0.5) < 0.15          # the first step's optimum: alpha^2 = 1/2

@@ -23,7 +23,7 @@ schedule with n steps (:func:`score_sde.sampling.schedules.get_time_steps`).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ from score_sde.sde_lib import SDE, batch_mul
 
 Array = jax.Array
 
-__all__ = ["consistency_sampler", "consistency_times"]
+__all__ = ["consistency_sampler", "consistency_times", "greedy_consistency_times"]
 
 
 def consistency_times(sde: SDE, nfe: int, times: Optional[Sequence[float]] = None,
@@ -125,3 +125,56 @@ def consistency_sampler(sde: SDE, shape: Sequence[int], *, nfe: int = 1,
   sampler.nfe = n_evals
   sampler.times = ts
   return sampler
+
+
+def greedy_consistency_times(sde: SDE, score_fn: ScoreFn, x0: Array, max_steps: int,
+                             distance: Callable[[np.ndarray], float],
+                             step_key: Callable[[int], Array], *, candidates: int = 40,
+                             batch: Optional[int] = None, rho: float = 7.0
+                             ) -> dict[int, list[float]]:
+  """Intermediate times of multistep consistency sampling, chosen greedily (as Song et al., 2023,
+  choose theirs): ``{k: [t_1, ..., t_{k-1}]}`` for k = 2 .. ``max_steps``.
+
+  ``x0`` [n, ...]: one-step samples f(x_T, T). With the times of k - 1 steps fixed, step k re-noises
+  the current samples to each candidate t below the last chosen time and denoises them once (the
+  sampler's step, module docstring), ``x_t = alpha(t) x0 + alpha(t) sqrt(sigma_e(t)^2 -
+  sigma_e(eps)^2) z``, ``x0 <- (x_t + sigma(t)^2 score(x_t, t)) / alpha(t)``, and keeps the t whose
+  samples have the smallest ``distance(samples) -> float`` (e.g. an FD or energy distance to data
+  held apart from the reported evaluation). Candidates: the interior of EDM's rho schedule with
+  ``candidates`` points. ``z`` for step k: ``step_key(k)``, folded with the batch index when
+  ``batch`` splits ``x0`` into several calls.
+  """
+  from score_sde.sampling.schedules import get_time_steps
+  grid = get_time_steps(sde, int(candidates), "edm", rho=rho)[1:-1]
+  a_e, s_e = sde.marginal_coef(jnp.float32(sde.sampling_eps))
+  sig_eps = float(s_e / a_e)
+
+  @jax.jit
+  def renoise_denoise(x, key, t):
+    a, sig = sde.marginal_coef(t)
+    x_t = a * x + a * jnp.sqrt(jnp.maximum((sig / a) ** 2 - sig_eps**2, 0.0)) * \
+        jax.random.normal(key, x.shape)
+    return (x_t + sig**2 * score_fn(x_t, jnp.full((x.shape[0],), t, jnp.float32))) / a
+
+  x0 = np.asarray(x0)
+  n = len(x0)
+  slices = [slice(0, n)] if batch is None or batch >= n else \
+      [slice(i, i + batch) for i in range(0, n, batch)]
+  chosen: list[float] = []
+  out: dict[int, list[float]] = {}
+  for k in range(2, int(max_steps) + 1):
+    best = None
+    for t in grid:
+      if chosen and t >= chosen[-1]:
+        continue
+      key = step_key(k)
+      keys = [key] if len(slices) == 1 else [jax.random.fold_in(key, i) for i in range(len(slices))]
+      x = np.concatenate([np.asarray(renoise_denoise(x0[b], kb, jnp.float32(t)))
+                          for b, kb in zip(slices, keys)])
+      d = float(distance(x))
+      if best is None or d < best[0]:
+        best = (d, float(t), x)
+    chosen.append(best[1])
+    x0 = best[2]
+    out[k] = list(chosen)
+  return out
