@@ -22,7 +22,10 @@ def add_runtime_fields(config: ml_collections.ConfigDict) -> ml_collections.Conf
   config.model.sigma_data = 0.5
   config.training.micro_batches = 1            # gradient accumulation inside the step
   config.training.param_sharding = "replicated"  # or 'fsdp'
-  config.model.remat = "none"                  # 'none' | 'blocks' | 'full'
+  # 'none' | 'elementwise' | 'blocks' | 'full' (score_sde/models/remat.py): 'elementwise' keeps
+  # every block's conv / matmul outputs and recomputes the rest (NCSN++ / DDPM++ / DDPM: about half
+  # the activation memory, no extra convolution; docs/networks.md). NCSN / NCSNv2 set 'none'.
+  config.model.remat = "elementwise"
   sampling = config.sampling
   sampling.method = "pc"
   sampling.predictor = "euler_maruyama"

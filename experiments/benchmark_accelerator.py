@@ -8,8 +8,8 @@ Rows (in this order; each is written to the JSON as soon as it is done):
 * ``train``: one full training update (DSM loss, backward, clipping, Adam, EMA;
   :func:`experiments.benchmark_networks.benchmark`) of DDPM++ cont.
   (``vp/cifar10_ddpmpp_continuous``) and deep NCSN++ cont. (``ve/cifar10_ncsnpp_deep_continuous``)
-  at batch 128, ``config.model.dtype`` float32 and bfloat16, ``config.model.remat`` 'none' and
-  'blocks': images/s, trace + lower and XLA compile seconds, peak device memory
+  at batch 128, ``config.model.dtype`` float32 and bfloat16, ``config.model.remat``
+  'elementwise' (the configs' default), 'none' and 'blocks': images/s, trace + lower and XLA compile seconds, peak device memory
   (``device.memory_stats()['peak_bytes_in_use']``; a CPU reports the process's peak RSS instead)
   and XLA's ``memory_analysis()`` of the step.
 * ``sample``: DDPM++ cont. (VP SDE), batch 256: PC with 1000 Euler-Maruyama steps and no corrector
@@ -75,12 +75,13 @@ def size(name: str, smoke: bool) -> int:
 
 
 def row_names() -> list[str]:
-  """Every row, in the order they run: the cheaper float32 / bf16 training rows first, then
-  sampling, Inception, the likelihood, then the remat training rows."""
+  """Every row, in the order they run: the training rows at the configs' own ``model.remat``
+  ('elementwise') first, then sampling, Inception, the likelihood, then the training rows
+  without remat ('none') and with whole-block remat ('blocks')."""
   train = lambda remat: [f"train/{net}/{dtype}/{remat}" for net in TRAIN_CONFIGS
                          for dtype in ("float32", "bfloat16")]
-  return (train("none") + ["sample/pc_1000", "sample/dpm_solver_pp_20", "inception",
-                           "likelihood/ode"] + train("blocks"))
+  return (train("elementwise") + ["sample/pc_1000", "sample/dpm_solver_pp_20", "inception",
+                                  "likelihood/ode"] + train("none") + train("blocks"))
 
 
 def device_info() -> dict:

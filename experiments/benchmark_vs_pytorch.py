@@ -64,6 +64,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_bool("malloc_trim", True, "JAX side: give the compiler's freed heap back to the OS "
                     "after compiling, as the Trainer does (--nomalloc_trim: the old behaviour).",
                     **fv)
+  flags.DEFINE_enum("remat", None, ["none", "elementwise", "blocks", "full"], "JAX side: "
+                    "config.model.remat (None: the config's own).", **fv)
   flags.DEFINE_string("label", "", "A note stored with the records (e.g. 'before').", **fv)
   flags.DEFINE_string("out", None, "Write the records and the summary as JSON here.", **fv)
 
@@ -78,11 +80,14 @@ def _peak_rss() -> int:
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def run_jax(batch: int, steps: int, warmup: int, trim: bool = True) -> dict:
+def run_jax(batch: int, steps: int, warmup: int, trim: bool = True,
+            remat: str | None = None) -> dict:
   """Our step, measured by :func:`experiments.benchmark_networks.benchmark` (float32; ``trim``:
-  the compiler's freed heap is given back after compiling, as the Trainer does)."""
+  the compiler's freed heap is given back after compiling, as the Trainer does; ``remat``:
+  ``config.model.remat``, None for the config's own)."""
   from experiments import benchmark_networks
-  record = benchmark_networks.benchmark(CONFIG, batch, steps, warmup, "float32", trim=trim)
+  record = benchmark_networks.benchmark(CONFIG, batch, steps, warmup, "float32", trim=trim,
+                                        remat=remat)
   record.update(side="jax", peak_rss_bytes=_peak_rss(), end_rss_bytes=_rss_now())
   return record
 
@@ -154,6 +159,8 @@ def _child(side: str) -> dict:
                                           if p)
   else:
     cmd.append(f"--malloc_trim={FLAGS.malloc_trim}")
+    if FLAGS.remat:
+      cmd.append(f"--remat={FLAGS.remat}")
     env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
     if FLAGS.xla_flags:
       env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", "")] + FLAGS.xla_flags).strip()
@@ -188,7 +195,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.side == "jax":
-    print(json.dumps(run_jax(FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.malloc_trim)),
+    print(json.dumps(run_jax(FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.malloc_trim,
+                             FLAGS.remat)),
           flush=True)
     return
   if FLAGS.side == "pytorch":

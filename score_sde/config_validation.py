@@ -391,9 +391,10 @@ FIELDS: dict[str, Check] = {
     "model.ema_rate": _float(min=0, lt=1, required=True),
     "model.dropout": _float(min=0, lt=1),
     "model.dtype": _choice(("float32", "bfloat16"), lower=True),
-    "model.remat": _choice(("none", "blocks", "full"), optional=True, hint=(
-        "rematerialization: recompute activations per residual / attention block ('blocks') or "
-        "of the whole network ('full') in the backward pass; None: 'none'")),
+    "model.remat": _choice(("none", "elementwise", "blocks", "full"), optional=True, hint=(
+        "rematerialization: recompute activations per residual / attention block ('blocks'), only "
+        "the elementwise ops between each block's convolutions / matmuls ('elementwise') or the "
+        "whole network ('full') in the backward pass; None: 'none'")),
     "model.parametrization": _choice(lambda: [""] + _parametrizations(), optional=True,
                                      hint="None or '': the SDE's default"),
     "model.num_classes": _int(min=0, optional=True, hint="0 or None: unconditional"),
@@ -635,7 +636,8 @@ def _check_consistency(errors: list[str], config, ok, loss: str, name: Optional[
 
 
 def _check_efficiency(errors: list[str], config, ok, num_devices: int) -> None:
-  """micro_batches divides the per-device batch; remat='blocks' only for networks with blocks."""
+  """micro_batches divides the per-device batch; remat='blocks' / 'elementwise' only for networks
+  with blocks."""
   batch, k = _get(config, "training.batch_size"), _get(config, "training.micro_batches")
   if ok("training.batch_size", "training.micro_batches") and None not in (batch, k) and (
       batch % num_devices == 0 and (batch // num_devices) % k):
@@ -644,11 +646,12 @@ def _check_efficiency(errors: list[str], config, ok, num_devices: int) -> None:
     errors.append(f"config.training.micro_batches={k} does not divide the per-device batch of "
                   f"{per_device} (training.batch_size={batch} over {num_devices} devices); "
                   f"choose one of {divisors}.")
-  if ok("model.remat", "model.name") and _get(config, "model.remat") == "blocks":
-    from score_sde.models import remat
+  from score_sde.models import remat
+  mode = _get(config, "model.remat")
+  if ok("model.remat", "model.name") and mode in remat.BLOCK_REMATS:
     name = _get(config, "model.name")
     if not remat.has_blocks(name):
-      errors.append(f"config.model.remat='blocks' is not implemented for config.model.name="
+      errors.append(f"config.model.remat={mode!r} is not implemented for config.model.name="
                     f"{name!r} (networks with blocks: {remat.networks_with_blocks()}); use "
                     "'full' or 'none'.")
 

@@ -15,8 +15,8 @@ from experiments import benchmark_accelerator as ba
 
 # One row of each kind but Inception (its CPU compile alone takes longer than the rest; the
 # Inception network and feature function are tested in tests/test_inception.py); in run order.
-SMOKE_ROWS = ["sample/pc_1000", "sample/dpm_solver_pp_20", "likelihood/ode",
-              "train/ddpmpp_cont/float32/blocks"]
+SMOKE_ROWS = ["train/ddpmpp_cont/float32/elementwise", "sample/pc_1000", "sample/dpm_solver_pp_20",
+              "likelihood/ode"]
 
 
 def _run(tmp_path, *args):
@@ -40,10 +40,10 @@ def smoke(tmp_path_factory):
 
 def test_row_names_cover_the_issue():
   rows = ba.row_names()
-  assert len(rows) == len(set(rows)) == 12
+  assert len(rows) == len(set(rows)) == 16
   for net in ba.TRAIN_CONFIGS:
     for dtype in ("float32", "bfloat16"):
-      for remat in ("none", "blocks"):
+      for remat in ("elementwise", "none", "blocks"):
         assert f"train/{net}/{dtype}/{remat}" in rows
   assert {"sample/pc_1000", "sample/dpm_solver_pp_20", "likelihood/ode", "inception"} <= set(rows)
   assert ba.size("train_batch", False) == 128 and ba.size("sample_batch", False) == 256
@@ -56,8 +56,8 @@ def test_smoke_json(smoke):
   rows = {r["row"]: r for r in smoke["rows"]}
   assert list(rows) == SMOKE_ROWS
   assert all(r["status"] == "ok" for r in rows.values()), rows
-  train = rows["train/ddpmpp_cont/float32/blocks"]
-  assert train["remat"] == "blocks" and train["batch"] == ba.size("train_batch", True)
+  train = rows["train/ddpmpp_cont/float32/elementwise"]
+  assert train["remat"] == "elementwise" and train["batch"] == ba.size("train_batch", True)
   assert train["images_per_s"] > 0 and train["compile_s"] > 0 and train["loss_finite"]
   assert train["peak_memory_bytes"] > 0 and train["xla_memory_analysis"]["temp_size_in_bytes"] > 0
   pc, dpm = rows["sample/pc_1000"], rows["sample/dpm_solver_pp_20"]

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 import flax.linen as nn
 
@@ -92,7 +93,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int],
 
   Same signature and result as ``lax.conv_general_dilated``. The custom gradient applies on the
   CPU backend to channel-last convolutions without input dilation or groups; everything else is
-  passed through unchanged.
+  passed through unchanged. The output is named ``'conv'`` (``jax.ad_checkpoint.checkpoint_name``)
+  for checkpoint policies (``model.remat='elementwise'``, :mod:`score_sde.models.remat`).
   """
   nd = lhs.ndim - 2
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -101,16 +103,16 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int],
              and all(int(v) == 1 for v in (lhs_dilation or (1,) * nd))
              and preferred_element_type is None and lhs.dtype == rhs.dtype)
   if not covered:
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dimension_numbers, feature_group_count, batch_group_count,
-                                    precision, preferred_element_type)
+    return checkpoint_name(lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type), "conv")
   strides = tuple(int(s) for s in window_strides)
   dilation = tuple(int(d) for d in (rhs_dilation or (1,) * nd))
   if isinstance(padding, str):
     window = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:nd], dilation)]
     padding = lax.padtype_to_pads(lhs.shape[1:-1], window, strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _conv(lhs, rhs, strides, pads, dilation, precision)
+  return checkpoint_name(_conv(lhs, rhs, strides, pads, dilation, precision), "conv")
 
 
 # ``nn.Conv`` with the CPU-friendly convolution: same class, so parameter names are unchanged.

@@ -43,7 +43,8 @@ loading DiT's PyTorch weights (not supported). VE inputs are scaled by 1 / sqrt(
 with ``scale_by_sigma``, the output divided by sigma, as in ``small_unet``.
 
 Efficiency: the identical blocks run under one ``lax.scan`` (:mod:`score_sde.models.scan`; the
-parameter tree keeps ``blocks_0 .. blocks_{depth-1}``, compile time does not grow with depth);
+parameter tree keeps ``blocks_0 .. blocks_{depth-1}``, compile time does not grow with depth;
+``model.remat`` 'blocks' / 'elementwise' checkpoints each block, :mod:`score_sde.models.remat`);
 ``model.dtype = 'bfloat16'`` computes dense layers and attention in bfloat16 with float32
 parameters, LayerNorm statistics and output.
 
@@ -61,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_sde.models import embeddings, layers, scan
+from score_sde.models import embeddings, layers, remat, scan
 from score_sde.models.utils import register_model
 
 Array = jax.Array
@@ -271,7 +272,9 @@ class DiT(nn.Module):
     units = [(DiTBlock(hp["num_heads"], hp["mlp_ratio"], dtype, name=f"blocks_{i}"),)
              for i in range(hp["depth"])]
     step = lambda mods, h_, _: mods[0](h_, c)
-    h = scan.apply_units(self, units, step, h, scan=self.scan_blocks)[-1]
+    # model.remat='blocks' / 'elementwise': checkpoint every block (scanned loop body)
+    h = scan.apply_units(self, units, step, h, scan=self.scan_blocks,
+                         remat=remat.blocks_of(cfg))[-1]
 
     out_channels = 2 * C if hp["learn_sigma"] else C
     out = FinalLayer(p * p * out_channels, dtype, name="final_layer")(h, c)

@@ -5,6 +5,11 @@ the backward pass uses it. Under ``jax.checkpoint`` a function keeps only its in
 intermediates are recomputed in the backward pass (one more forward through it):
 
   * ``'none'`` (default): everything stored; fastest, most memory.
+  * ``'elementwise'``: each block (as for 'blocks') is checkpointed with a policy that keeps the
+    outputs of its convolutions and matrix products (:data:`ELEMENTWISE_POLICY`; convolutions are
+    named ``'conv'`` by :mod:`score_sde.models.conv`) and recomputes only what lies between them:
+    normalization, activations, dropout masks (from the same keys), additions. No convolution or
+    matmul runs twice; the stored activations are about halved (measured: docs/networks.md).
   * ``'blocks'``: each residual block and each attention block of the network (and each unit of a
     scanned run of blocks, :mod:`score_sde.models.scan`) is checkpointed: the stored activations
     are the blocks' inputs and outputs, the inside of one block is recomputed at a time. About one
@@ -24,14 +29,19 @@ Measured memory and speed: docs/networks.md.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Union
 
 import flax.linen as nn
 import jax
 
-REMATS = ("none", "blocks", "full")
-# Networks that checkpoint their blocks with model.remat='blocks' (registry names).
-_NETWORKS_WITH_BLOCKS = ("ncsnpp", "ddpm", "small_unet", "toy_mlp")
+REMATS = ("none", "elementwise", "blocks", "full")
+# model.remat values that checkpoint every block of the network (each needs a network with blocks).
+BLOCK_REMATS = ("elementwise", "blocks")
+# Inside a block under 'elementwise': store convolution outputs (named 'conv') and dot products.
+ELEMENTWISE_POLICY = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.save_only_these_names("conv"), jax.checkpoint_policies.dots_saveable)
+# Networks that checkpoint their blocks with model.remat='blocks' / 'elementwise' (registry names).
+_NETWORKS_WITH_BLOCKS = ("ncsnpp", "ddpm", "small_unet", "toy_mlp", "dit")
 
 
 def remat_of(config) -> str:
@@ -43,7 +53,7 @@ def remat_of(config) -> str:
 
 
 def has_blocks(model_name: str) -> bool:
-  """Whether network ``model_name`` implements ``model.remat='blocks'``."""
+  """Whether network ``model_name`` implements ``model.remat='blocks'`` / ``'elementwise'``."""
   return model_name in _NETWORKS_WITH_BLOCKS
 
 
@@ -51,18 +61,34 @@ def networks_with_blocks() -> list[str]:
   return list(_NETWORKS_WITH_BLOCKS)
 
 
-def blocks_of(config) -> bool:
-  """True when the network should checkpoint its blocks (``config.model.remat == 'blocks'``)."""
-  return remat_of(config) == "blocks"
+BlockRemat = Union[bool, Callable[..., Any]]
 
 
-def call(module: nn.Module, *args: Any, enabled: bool = True) -> Any:
-  """``module(*args)``, under ``nn.remat`` when ``enabled``.
+def blocks_of(config) -> BlockRemat:
+  """How the network checkpoints each block: False (``model.remat`` 'none' / 'full'), True
+  ('blocks': nothing inside a block is stored) or the ``jax.checkpoint`` policy of
+  'elementwise' (:data:`ELEMENTWISE_POLICY`)."""
+  mode = remat_of(config)
+  if mode == "elementwise":
+    return ELEMENTWISE_POLICY
+  return mode == "blocks"
+
+
+def checkpoint(fn: Callable, enabled: BlockRemat) -> Callable:
+  """``fn`` under ``jax.checkpoint`` as :func:`blocks_of` says (unchanged when False)."""
+  if enabled is False or enabled is None:
+    return fn
+  return jax.checkpoint(fn) if enabled is True else jax.checkpoint(fn, policy=enabled)
+
+
+def call(module: nn.Module, *args: Any, enabled: BlockRemat = True) -> Any:
+  """``module(*args)``, under ``nn.remat`` when ``enabled`` (True, or a ``jax.checkpoint`` policy:
+  :func:`blocks_of`).
 
   ``module`` is a submodule declared in the caller's compact method (it keeps its name and
   parameters); array arguments are traced, the others (None, the ``train`` flag) are static.
   """
-  if not enabled:
+  if enabled is False or enabled is None:
     return module(*args)
   dynamic = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
 
@@ -72,7 +98,8 @@ def call(module: nn.Module, *args: Any, enabled: bool = True) -> Any:
       full[i] = a
     return mdl(*full)
 
-  return nn.remat(fn)(module, *[args[i] for i in dynamic])
+  lifted = nn.remat(fn) if enabled is True else nn.remat(fn, policy=enabled)
+  return lifted(module, *[args[i] for i in dynamic])
 
 
 def model_remat(model: Any) -> str:

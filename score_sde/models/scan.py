@@ -44,7 +44,7 @@ def _applied(module: nn.Module, params: Any, rng: Optional[Array]) -> Callable[.
 
 def apply_units(parent: nn.Module, units: Sequence[Unit], step: Step, h: Array,
                 xs: Optional[Sequence[Optional[Array]]] = None, *, scan: bool = True,
-                min_run: int = 2, remat: bool = False) -> list[Array]:
+                min_run: int = 2, remat: Any = False) -> list[Array]:
   """``[h_1, ..., h_n]`` with ``h_i = step(units[i], h_{i-1}, xs[i])``, ``h_0 = h``.
 
   ``units[i]`` is a tuple of submodules of ``parent`` (declared in its compact method, not yet
@@ -53,7 +53,8 @@ def apply_units(parent: nn.Module, units: Sequence[Unit], step: Step, h: Array,
   parameter shapes and equal ``xs`` shapes whose output shape equals its input shape runs as one
   ``lax.scan``; other units run one by one. Same values as the plain loop (up to float
   reassociation by XLA), same parameter tree. With ``remat`` every unit is rematerialized in the
-  backward pass (``model.remat='blocks'``): a scanned run's loop body is a ``jax.checkpoint``,
+  backward pass (``model.remat='blocks'``; or a ``jax.checkpoint`` policy, 'elementwise':
+  :func:`score_sde.models.remat.blocks_of`): a scanned run's loop body is a ``jax.checkpoint``,
   a unit run on its own calls each module under ``nn.remat`` (:func:`score_sde.models.remat.call`).
   """
   n = len(units)
@@ -63,7 +64,8 @@ def apply_units(parent: nn.Module, units: Sequence[Unit], step: Step, h: Array,
   outs: list[Array] = []
   if remat:
     from score_sde.models.remat import call
-    one = lambda unit, h_, x_: step([functools.partial(call, m) for m in unit], h_, x_)
+    one = lambda unit, h_, x_: step([functools.partial(call, m, enabled=remat) for m in unit], h_,
+                                    x_)
   else:
     one = step
   if not scan or parent.is_initializing() or n < min_run:
@@ -101,7 +103,7 @@ def apply_units(parent: nn.Module, units: Sequence[Unit], step: Step, h: Array,
 
 
 def _scan_run(parent: nn.Module, template: Unit, subtrees: Sequence[tuple], xs: Sequence,
-              step: Step, h: Array, use_rng: bool, remat: bool = False) -> tuple[Array, Array]:
+              step: Step, h: Array, use_rng: bool, remat: Any = False) -> tuple[Array, Array]:
   """One ``lax.scan`` over a run of units shaped like ``template``; returns (h, stacked outputs).
   With ``remat`` the loop body (one unit) is a ``jax.checkpoint``."""
   n = len(subtrees)
@@ -116,4 +118,5 @@ def _scan_run(parent: nn.Module, template: Unit, subtrees: Sequence[tuple], xs: 
     new = step(mods, carry, x)
     return new, new
 
-  return jax.lax.scan(jax.checkpoint(body) if remat else body, h, (stacked, x_stack, keys))
+  from score_sde.models.remat import checkpoint
+  return jax.lax.scan(checkpoint(body, remat), h, (stacked, x_stack, keys))

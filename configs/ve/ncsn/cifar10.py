@@ -18,6 +18,7 @@ def get_config():
   # model
   model = config.model
   model.name = 'ncsn'
+  model.remat = 'none'  # no blocks to checkpoint
   model.scale_by_sigma = False
   model.sigma_max = 1
   model.num_scales = 10

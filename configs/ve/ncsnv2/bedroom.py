@@ -23,6 +23,7 @@ def get_config():
   # model
   model = config.model
   model.name = 'ncsnv2_128'
+  model.remat = 'none'  # no blocks to checkpoint
   model.scale_by_sigma = True
   model.sigma_max = 190
   model.num_scales = 1086

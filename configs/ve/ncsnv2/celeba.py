@@ -18,6 +18,7 @@ def get_config():
   # model
   model = config.model
   model.name = 'ncsnv2_64'
+  model.remat = 'none'  # no blocks to checkpoint
   model.scale_by_sigma = True
   model.num_scales = 500
   model.ema_rate = 0.999
