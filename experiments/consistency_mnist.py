@@ -51,6 +51,9 @@ FLAGS = flags.FLAGS
 
 TEACHER = "vp_continuous"
 STUDENTS = ("cd_vp", "ict")
+# --students entry that trains nothing: the teacher's own denoiser (x + sigma^2 score) / alpha read
+# by the consistency sampler, the control for what consistency training adds.
+TEACHER_DENOISER = "teacher_denoiser"
 DEFAULTS = dict(workdir="runs/recipes_mnist", nf=16, batch_size=32, num_samples=512,
                 out="docs/results/consistency_mnist.json")
 SMOKE = dict(steps=5, teacher_steps=5, batch=16, nf=8, warmup=5, classifier_steps=20,
@@ -70,7 +73,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("teacher_steps", 5000, "Training steps of the teacher (recipes_mnist's "
                        "--steps).", **fv)
   flags.DEFINE_integer("batch", DEFAULTS["batch_size"], "Training batch of every model.", **fv)
-  flags.DEFINE_list("students", list(STUDENTS), "configs/mnist/<name>.py consistency configs.",
+  flags.DEFINE_list("students", list(STUDENTS), "configs/mnist/<name>.py consistency configs, "
+                    f"or '{TEACHER_DENOISER}' (the teacher's denoiser, no training).",
                     **fv)
   flags.DEFINE_list("steps_grid", ["1", "2", "4"], "Consistency sampling step counts.", **fv)
   flags.DEFINE_list("teacher_nfes", ["1", "2", "4", "10"], "NFEs of the teacher's solvers.", **fv)
@@ -187,9 +191,13 @@ def run(s: Settings, steps: int, teacher_steps: int, students: Sequence[str],
   res["students"] = {}
   for student in students:
     t0 = time.time()
-    tr, p, model_info = train(s, student, steps,
-                              teacher=teacher_fn if student.startswith("cd") else None)
-    out = {"config": f"configs/mnist/{student}.py", "sde": repr(tr.sde),
+    if student == TEACHER_DENOISER:
+      tr, p, model_info = trainer, params, res["teacher_model"]
+    else:
+      tr, p, model_info = train(s, student, steps,
+                                teacher=teacher_fn if student.startswith("cd") else None)
+    out = {"config": f"configs/mnist/{TEACHER if student == TEACHER_DENOISER else student}.py",
+           "sde": repr(tr.sde),
            "loss": tr.config.training.loss, "model": model_info, "rows": []}
     chosen = greedy_times(tr, p, scorer, s, prior(tr.sde, k_select), max(steps_grid), candidates)
     out["greedy_times"] = {str(k): v for k, v in chosen.items()}

@@ -19,7 +19,7 @@ def test_smoke_run_distils_and_scores(mnist_dir, tmp_path):
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
   proc = run_experiment("consistency_mnist", "--smoke", f"--data_dir={mnist_dir}",
-                        f"--workdir={tmp_path / 'wd'}", f"--out={out}", "--students=cd_vp",
+                        f"--workdir={tmp_path / 'wd'}", f"--out={out}", "--students=cd_vp,teacher_denoiser",
                         "--teacher_nfes=2", env=env, timeout=1800)
   res = json.loads(out.read_text())
   assert "| cd_vp |" in proc.stdout and "| teacher (VP-DSM) |" in proc.stdout
@@ -38,6 +38,12 @@ def test_smoke_run_distils_and_scores(mnist_dir, tmp_path):
   [greedy] = [r for r in student["rows"] if r["times_from"] == "greedy"]
   assert greedy["times"][1:] == pytest.approx(student["greedy_times"]["2"])
   assert 0.0 < greedy["times"][1] < greedy["times"][0]
+  # The control: the teacher itself in the consistency sampler, nothing trained.
+  control = res["students"][consistency_mnist.TEACHER_DENOISER]
+  assert control["model"] == res["teacher_model"] and control["loss"] == "dsm"
+  assert [(r["steps"], r["times_from"]) for r in control["rows"]] == [
+      (1, "edm_rho"), (2, "edm_rho"), (2, "greedy")]
+  assert all(math.isfinite(r["fd"]) for r in control["rows"])
 
 
 def test_table_takes_the_best_row_per_nfe():
