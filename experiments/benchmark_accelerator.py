@@ -9,7 +9,8 @@ Rows (in this order; each is written to the JSON as soon as it is done):
   :func:`experiments.benchmark_networks.benchmark`) of DDPM++ cont.
   (``vp/cifar10_ddpmpp_continuous``) and deep NCSN++ cont. (``ve/cifar10_ncsnpp_deep_continuous``)
   at batch 128, ``config.model.dtype`` float32 and bfloat16, ``config.model.remat``
-  'elementwise' (the configs' default), 'none' and 'blocks': images/s, trace + lower and XLA compile seconds, peak device memory
+  'elementwise' (the configs' default), 'none' and 'blocks': images/s, trace + lower and XLA
+  compile seconds, peak device memory
   (``device.memory_stats()['peak_bytes_in_use']``; a CPU reports the process's peak RSS instead)
   and XLA's ``memory_analysis()`` of the step.
 * ``sample``: DDPM++ cont. (VP SDE), batch 256: PC with 1000 Euler-Maruyama steps and no corrector

@@ -17,8 +17,9 @@ figure that does not depend on what else runs.
   python -m experiments.benchmark_networks --batch 128 --steps 20 --dtype bfloat16 \
       --out bench_gpu_bf16.json
 
-``--remat none,elementwise,blocks,full`` runs each config once per ``config.model.remat`` value (rematerialization,
-docs/networks.md); on CPU the peak RSS is the process's, so measure one value per process.
+``--remat none,elementwise,blocks,full`` runs each config once per ``config.model.remat`` value
+(rematerialization, docs/networks.md); on CPU the peak RSS is the process's, so measure one value
+per process.
 
 ``--dtype bfloat16`` sets ``config.model.dtype='bfloat16'``: bf16 convolutions / matmuls, float32
 parameters, normalization statistics, network output, loss and optimizer.
@@ -55,7 +56,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "config.model.dtype: compute "
                     "dtype (params / loss stay float32).", **fv)
   flags.DEFINE_list("remat", ["none"], "config.model.remat values to run for each config "
-                    "('none', 'elementwise', 'blocks', 'full'): one record per (config, remat).", **fv)
+                    "('none', 'elementwise', 'blocks', 'full'): one record per (config, remat).",
+                    **fv)
   flags.DEFINE_string("out", None, "Write the records as JSON here.", **fv)
 
 
@@ -101,8 +103,8 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
   """Times one training update of ``configs.<name>`` at ``batch`` on the default device.
 
   ``config``: use this config instead of importing ``configs.<name>`` (``name`` only labels the
-  record); ``remat``: set ``config.model.remat`` ('none' / 'elementwise' / 'blocks' / 'full'); ``trim``: return
-  the compiler's freed heap to the OS after compiling, as the Trainer does
+  record); ``remat``: set ``config.model.remat`` ('none' / 'elementwise' / 'blocks' / 'full');
+  ``trim``: return the compiler's freed heap to the OS after compiling, as the Trainer does
   (:func:`score_sde.host_memory.release_freed_memory`).
   """
   if config is None:

@@ -19,7 +19,8 @@ def test_smoke_run_distils_and_scores(mnist_dir, tmp_path):
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
   proc = run_experiment("consistency_mnist", "--smoke", f"--data_dir={mnist_dir}",
-                        f"--workdir={tmp_path / 'wd'}", f"--out={out}", "--students=cd_vp,teacher_denoiser",
+                        f"--workdir={tmp_path / 'wd'}", f"--out={out}",
+                        "--students=cd_vp,teacher_denoiser",
                         "--teacher_nfes=2", env=env, timeout=1800)
   res = json.loads(out.read_text())
   assert "| cd_vp |" in proc.stdout and "| teacher (VP-DSM) |" in proc.stdout

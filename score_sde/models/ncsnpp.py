@@ -130,7 +130,8 @@ class NCSNpp(nn.Module):
     if not config.data.centered:
       x = 2 * x - 1.0  # data in [0, 1] -> [-1, 1]
     x = x.astype(dtype)
-    remat_blocks = remat.blocks_of(config)  # model.remat='blocks' / 'elementwise': checkpoint every block
+    # model.remat='blocks' / 'elementwise': checkpoint every block
+    remat_blocks = remat.blocks_of(config)
     block = functools.partial(remat.call, enabled=remat_blocks)
 
     def down_step(mods, h, _):  # a residual block, then attention at attn_resolutions

@@ -69,7 +69,8 @@ class ToyMLP(nn.Module):
       sigma = embeddings.label_sigma(cfg, labels)
       x = x / jnp.sqrt(1.0 + sigma[:, None] ** 2)
     h = nn.Dense(nf)(x)
-    remat_blocks = remat.blocks_of(cfg)  # model.remat='blocks' / 'elementwise': checkpoint every block
+    # model.remat='blocks' / 'elementwise': checkpoint every block
+    remat_blocks = remat.blocks_of(cfg)
     for _ in range(num_layers):
       h = remat.call(ResidualMLPBlock(nf, float(m.dropout)), h, temb, train, enabled=remat_blocks)
     out = nn.Dense(x.shape[-1])(nn.silu(nn.LayerNorm()(h)))

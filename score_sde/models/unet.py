@@ -105,7 +105,8 @@ class SmallUNet(nn.Module):
       sigma = embeddings.label_sigma(cfg, labels)
       x = x / jnp.sqrt(1.0 + sigma**2)[:, None, None, None]
 
-    block = functools.partial(remat.call, enabled=remat.blocks_of(cfg))  # model.remat='blocks' / 'elementwise'
+    # model.remat='blocks' / 'elementwise': checkpoint every block
+    block = functools.partial(remat.call, enabled=remat.blocks_of(cfg))
     # Downsampling path.
     h = Conv(nf, (3, 3))(x)
     hs = [h]
