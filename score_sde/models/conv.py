@@ -25,7 +25,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 import flax.linen as nn
 
-__all__ = ["conv_general_dilated", "Conv"]
+__all__ = ["conv_general_dilated", "Conv", "CHECKPOINT_NAME"]
+
+# Every convolution output is tagged with this name for jax.checkpoint policies
+# (model.remat='elementwise' stores it: score_sde.models.remat).
+CHECKPOINT_NAME = "conv"
 
 Pads = Tuple[Tuple[int, int], ...]
 
@@ -93,8 +97,9 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int],
 
   Same signature and result as ``lax.conv_general_dilated``. The custom gradient applies on the
   CPU backend to channel-last convolutions without input dilation or groups; everything else is
-  passed through unchanged. The output is named ``'conv'`` (``jax.ad_checkpoint.checkpoint_name``)
-  for checkpoint policies (``model.remat='elementwise'``, :mod:`score_sde.models.remat`).
+  passed through unchanged. The output is named :data:`CHECKPOINT_NAME`
+  (``jax.ad_checkpoint.checkpoint_name``) for checkpoint policies (``model.remat='elementwise'``,
+  :mod:`score_sde.models.remat`).
   """
   nd = lhs.ndim - 2
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -105,14 +110,15 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int],
   if not covered:
     return checkpoint_name(lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count, precision, preferred_element_type), "conv")
+        feature_group_count, batch_group_count, precision, preferred_element_type),
+        CHECKPOINT_NAME)
   strides = tuple(int(s) for s in window_strides)
   dilation = tuple(int(d) for d in (rhs_dilation or (1,) * nd))
   if isinstance(padding, str):
     window = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:nd], dilation)]
     padding = lax.padtype_to_pads(lhs.shape[1:-1], window, strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return checkpoint_name(_conv(lhs, rhs, strides, pads, dilation, precision), "conv")
+  return checkpoint_name(_conv(lhs, rhs, strides, pads, dilation, precision), CHECKPOINT_NAME)
 
 
 # ``nn.Conv`` with the CPU-friendly convolution: same class, so parameter names are unchanged.

@@ -34,12 +34,16 @@ from typing import Any, Callable, Union
 import flax.linen as nn
 import jax
 
+from score_sde.models import conv
+
 REMATS = ("none", "elementwise", "blocks", "full")
 # model.remat values that checkpoint every block of the network (each needs a network with blocks).
 BLOCK_REMATS = ("elementwise", "blocks")
-# Inside a block under 'elementwise': store convolution outputs (named 'conv') and dot products.
+# Inside a block under 'elementwise': store convolution outputs (named by models.conv) and dot
+# products.
 ELEMENTWISE_POLICY = jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.save_only_these_names("conv"), jax.checkpoint_policies.dots_saveable)
+    jax.checkpoint_policies.save_only_these_names(conv.CHECKPOINT_NAME),
+    jax.checkpoint_policies.dots_saveable)
 # Networks that checkpoint their blocks with model.remat='blocks' / 'elementwise' (registry names).
 _NETWORKS_WITH_BLOCKS = ("ncsnpp", "ddpm", "small_unet", "toy_mlp", "dit")
 

@@ -33,7 +33,7 @@ from score_sde.sampling import register_sampler
 from score_sde.sampling.base import (ScoreFn, check_score_fn_shape, check_shape, check_x_T,
                                      count_score_evals, jit_with_score_fn)
 from score_sde.sampling.schedules import check_times, get_time_steps, kernel_np, start_scale
-from score_sde.sde_lib import SDE, batch_mul
+from score_sde.sde_lib import SDE
 
 Array = jax.Array
 
@@ -163,12 +163,12 @@ def greedy_consistency_times(sde: SDE, score_fn: ScoreFn, x0: Array, max_steps: 
   chosen: list[float] = []
   out: dict[int, list[float]] = {}
   for k in range(2, int(max_steps) + 1):
+    key = step_key(k)
+    keys = [key] if len(slices) == 1 else [jax.random.fold_in(key, i) for i in range(len(slices))]
     best = None
     for t in grid:
       if chosen and t >= chosen[-1]:
         continue
-      key = step_key(k)
-      keys = [key] if len(slices) == 1 else [jax.random.fold_in(key, i) for i in range(len(slices))]
       x = np.concatenate([np.asarray(renoise_denoise(x0[b], kb, jnp.float32(t)))
                           for b, kb in zip(slices, keys)])
       d = float(distance(x))
