@@ -71,3 +71,34 @@ def test_uncovered_cases_fall_back_to_lax():
     np.testing.assert_array_equal(conv_lib.conv_general_dilated(*args, dimension_numbers=dn,
                                                                 **kwargs),
                                   lax.conv_general_dilated(*args, dimension_numbers=dn, **kwargs))
+
+
+def test_kernel_gradient_with_padding_beyond_the_kernel_and_in_bfloat16():
+  """Stride-1 kernel gradient (one matrix product per tap): padding wider than the kernel reach
+  (negative offsets into dy's padded frame) and bfloat16 inputs (float32 accumulation)."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 7, 6, 3))
+  w = jax.random.normal(jax.random.PRNGKey(4), (3, 2, 3, 4))
+  dn = ("NHWC", "HWIO", "NHWC")
+  pads = ((4, 0), (0, 3))
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+    xs, ws = x.astype(dtype), w.astype(dtype)
+    ref = jax.grad(lambda w: jnp.sum(jnp.sin(lax.conv_general_dilated(
+        xs.astype(jnp.float32), w, (1, 1), pads, dimension_numbers=dn))))(ws.astype(jnp.float32))
+    got = jax.grad(lambda w: jnp.sum(jnp.sin(conv_lib.conv_general_dilated(
+        xs, w, (1, 1), pads, dimension_numbers=dn).astype(jnp.float32))))(ws)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=tol, atol=tol * 10)
+
+
+def test_benchmark_conv_grad_times_and_checks_both_gradients():
+  from absl import app
+  from experiments import benchmark_conv_grad as bench
+  assert bench.parse_shape("8:4:6") == (8, 4, 6)
+  for bad in ("8:4", "8:x:6", "0:4:6"):
+    with pytest.raises(app.UsageError, match="--shapes entry"):
+      bench.parse_shape(bad)
+  result = bench.benchmark([(6, 4, 6)], batch=2, repeats=1)
+  (row,) = result["shapes"]
+  for side in ("lax", "score_sde"):
+    assert all(row[side][k] > 0 for k in ("fwd_ms", "dx_ms", "dw_ms")), row
+  assert row["dx_rel_diff"] < 1e-5 and row["dw_rel_diff"] < 1e-5, row
