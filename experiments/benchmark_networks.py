@@ -21,13 +21,26 @@ figure that does not depend on what else runs.
 (rematerialization, docs/networks.md); on CPU the peak RSS is the process's, so measure one value
 per process.
 
+``--profile_steps k`` traces k more steps with ``jax.profiler`` and adds ``profile`` to the record:
+milliseconds per step by part of the program, forward and backward, found from each executed
+instruction's ``op_name`` (the JAX call stack XLA keeps: ``conv_general_dilated``, ``GroupNorm``,
+``Dropout`` ...; backward when it is under ``transpose(``), plus the slowest instructions
+(docs/networks.md, Throughput). Events of instructions that run side by side overlap, so parts
+can sum to more than the step.
+
 ``--dtype bfloat16`` sets ``config.model.dtype='bfloat16'``: bf16 convolutions / matmuls, float32
 parameters, normalization statistics, network output, loss and optimizer.
 """
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
 import importlib
+import json
 import os
+import re
+import tempfile
 import resource
 import time
 
@@ -58,7 +71,48 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_list("remat", ["none"], "config.model.remat values to run for each config "
                     "('none', 'elementwise', 'blocks', 'full'): one record per (config, remat).",
                     **fv)
+  flags.DEFINE_integer("profile_steps", 0, "Steps traced with jax.profiler after the timed ones "
+                       "(0: none); the record gets 'profile', ms per step by program part.", **fv)
   flags.DEFINE_string("out", None, "Write the records as JSON here.", **fv)
+
+
+# (part, substring of the op_name), first match wins; 'other' for the rest.
+PROFILE_PARTS = (("convolution", "conv_general_dilated"), ("GroupNorm", "GroupNorm"),
+                 ("dropout", "Dropout"), ("attention", "AttnBlock"),
+                 ("scanned-run parameter stacking", "/stack"),
+                 ("kernel-gradient windows", "dynamic_slice"), ("matmul", "dot_general"))
+
+
+def profile_parts(compiled, run, steps: int, top: int = 10) -> dict:
+  """Milliseconds per step of ``run()`` (``steps`` calls of ``compiled``) by part of the program:
+  ``{'forward': {part: ms}, 'backward': {part: ms}, 'step_ms': wall per step under the profiler,
+  'top': [[ms, instruction, op_name], ...]}`` (see the module docstring)."""
+  names = {}
+  for line in compiled.as_text().splitlines():
+    m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]+)"', line)
+    if m:
+      names[m.group(1)] = m.group(2)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      run()
+    step_ms = (time.perf_counter() - t0) / steps * 1e3
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  per_instruction = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in names:
+      per_instruction[e["name"]] += e["dur"] / 1e3 / steps
+  out = {"forward": collections.Counter(), "backward": collections.Counter()}
+  for name, ms in per_instruction.items():
+    op = names[name]
+    part = next((p for p, key in PROFILE_PARTS if key in op), "other")
+    out["backward" if "transpose(" in op else "forward"][part] += ms
+  return {"step_ms": round(step_ms, 1),
+          **{k: {p: round(v, 1) for p, v in c.most_common()} for k, c in out.items()},
+          "top": [[round(ms, 1), n, names[n]] for n, ms in per_instruction.most_common(top)]}
 
 
 def peak_memory(device) -> tuple[int | None, str]:
@@ -99,13 +153,15 @@ def memory_analysis(compiled) -> dict:
 
 
 def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: int = 0,
-              config=None, remat: str | None = None, trim: bool = True) -> dict:
+              config=None, remat: str | None = None, trim: bool = True,
+              profile_steps: int = 0) -> dict:
   """Times one training update of ``configs.<name>`` at ``batch`` on the default device.
 
   ``config``: use this config instead of importing ``configs.<name>`` (``name`` only labels the
   record); ``remat``: set ``config.model.remat`` ('none' / 'elementwise' / 'blocks' / 'full');
   ``trim``: return the compiler's freed heap to the OS after compiling, as the Trainer does
-  (:func:`score_sde.host_memory.release_freed_memory`).
+  (:func:`score_sde.host_memory.release_freed_memory`); ``profile_steps``: trace that many more
+  steps (:func:`profile_parts`).
   """
   if config is None:
     config = importlib.import_module(f"configs.{name}").get_config()
@@ -124,14 +180,16 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
                                            jnp.ones((1,)), train=False))(key)
   jax.block_until_ready(variables)
   init_s = time.perf_counter() - t0
-  state = losses.init_train_state(config, variables, jax.random.PRNGKey(seed + 1))
-  n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))
+  # As the Trainer does: the step is compiled from the state's shapes before the state exists.
+  make_state = lambda v: losses.init_train_state(config, v, jax.random.PRNGKey(seed + 1))
+  abstract_state = jax.eval_shape(make_state, variables)
+  n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(abstract_state.params)))
   x = jax.random.uniform(jax.random.PRNGKey(seed + 2), shape, jnp.float32)
   x = 2 * x - 1 if config.data.centered else x
 
   step = jax.jit(losses.get_train_step_fn(config, sde, model), donate_argnums=(0,))
   t0 = time.perf_counter()
-  lowered = step.lower(state, x)
+  lowered = step.lower(abstract_state, x)
   lower_s = time.perf_counter() - t0
   t0, c0 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
@@ -140,9 +198,12 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
   xla_memory = memory_analysis(compiled)
   temp_bytes = xla_memory.get("temp_size_in_bytes")
   rss_compiled = _rss_now()
-  if trim:  # as the Trainer does after its first (compiling) call: score_sde.host_memory
+  if trim:  # as the Trainer does after compiling the step: score_sde.host_memory
     host_memory.release_freed_memory()
   rss_trimmed = _rss_now()
+  state = make_state(variables)
+  if trim:
+    host_memory.release_freed_memory()
 
   for _ in range(warmup):
     state, metrics = compiled(state, x)
@@ -153,7 +214,15 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
   jax.block_until_ready((state, metrics))
   run_s = time.perf_counter() - t0
   peak, source = peak_memory(device)
-  return {
+  profile = None
+  if profile_steps:
+    def run():
+      nonlocal state, metrics
+      for _ in range(profile_steps):
+        state, metrics = compiled(state, x)
+      jax.block_until_ready((state, metrics))
+    profile = profile_parts(compiled, run, profile_steps)
+  record = {
       "config": name, "network": config.model.name, "params": n_params, "dtype": dtype,
       "remat": str(config.model.get("remat", None) or "none"),
       "batch": batch, "steps": steps, "warmup": warmup,
@@ -171,13 +240,17 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
       "malloc_trim": bool(trim), "final_loss": float(metrics["loss"]),
       "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
   }
+  if profile is not None:
+    record["profile"] = profile
+  return record
 
 
 def main(argv) -> None:
   common.no_arguments(argv)
   records = []
   for name, remat in [(n, m) for n in FLAGS.configs for m in FLAGS.remat]:
-    r = benchmark(name, FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.dtype, remat=remat)
+    r = benchmark(name, FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.dtype, remat=remat,
+                  profile_steps=FLAGS.profile_steps)
     records.append(r)
     mem = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']})"
     print(f"{r['config']} [{r['network']}, {r['params'] / 1e6:.1f}M params, {r['dtype']}, "
@@ -187,6 +260,9 @@ def main(argv) -> None:
           f"({r['compile_cpu_s']:.1f} CPU s, load {r['load_avg_1min']}), "
           f"{r['step_s']:.3f} s/step, {r['images_per_s']:.1f} images/s, peak memory {mem}, "
           f"loss {r['final_loss']:.4g}", flush=True)
+    if "profile" in r:
+      for side in ("forward", "backward"):
+        print(f"  {side} ms per step: " + ", ".join(f"{k} {v}" for k, v in r["profile"][side].items()))
     common.write_result(FLAGS.out, records, say=False)  # after every config
 
 

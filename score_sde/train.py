@@ -54,8 +54,9 @@ class Trainer:
   teacher trained with command-line overrides, which its config file does not carry); default
   :func:`consistency_teacher` of ``config.consistency``.
 
-  Attributes of interest to notebooks and tests: ``sde``, ``model``, ``state`` (the replicated
-  :class:`score_sde.losses.TrainState`), ``mesh``, ``score_fn(params)``. The jitted programs
+  Attributes of interest to notebooks and tests: ``sde``, ``model``, ``state`` (the
+  :class:`score_sde.losses.TrainState`, built on first access; ``state_spec`` its shapes and
+  shardings), ``mesh``, ``score_fn(params)``. The jitted programs
   (train steps, eval loss, sampling, likelihood) are built once per Trainer.
   """
 
@@ -84,13 +85,20 @@ class Trainer:
                          with_labels=bool(conditional.num_classes_of(config)))
     self.task = task
     self.model = task.model
-    state = losses.init_train_state(config, task.variables, state_key)
+    # The state (params, EMA, optimizer moments: 4x the parameters) is built on first use of
+    # ``self.state``; train() compiles the step before that (see _train_program).
+    state = jax.eval_shape(lambda v, k: losses.init_train_state(config, v, k), task.variables,
+                           state_key)
     # Replicated, or sharded over the devices with config.training.param_sharding='fsdp'.
     self.state_sharding = distributed.state_shardings(state, self.mesh,
                                                       distributed.param_sharding_of(config))
     if distributed.param_sharding_of(config) == "fsdp":
       _log_fsdp(state.params, self.mesh.shape["data"])
-    self.state = jax.device_put(state, self.state_sharding)
+    self.state_spec = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s, weak_type=a.weak_type),
+        state, self.state_sharding)
+    self._state = None
+    self._state_key = state_key
     self.scaler = datasets.get_data_scaler(config)
     self.inverse_scaler = datasets.get_data_inverse_scaler(config)
     n = int(config.training.n_jitted_steps)
@@ -101,7 +109,7 @@ class Trainer:
         in_shardings=(self.state_sharding, NamedSharding(self.mesh, P(None, "data"))),
         out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
     self._eval_loss = None
-    self._compiled_step = False
+    self._train_exe = None  # (batch shapes, self._multi_step compiled for them)
     self._sample_fns: dict[int, Callable] = {}
     self._likelihood_fns: dict[tuple, Callable] = {}
     self.checkpoints = None
@@ -111,6 +119,21 @@ class Trainer:
       fingerprint = run_fingerprint(config, self.sde, task.name or config.model.name, state.params)
       self.checkpoints = Checkpoints(workdir, config.training.max_to_keep, fingerprint,
                                      allow_mismatch=allow_config_mismatch)
+
+  @property
+  def state(self) -> losses.TrainState:
+    """The train state (:class:`score_sde.losses.TrainState`, placed with ``state_sharding``):
+    step 0 from the model's init variables, built on first access, or what restore / training set.
+    """
+    if self._state is None:
+      self._state = jax.device_put(
+          losses.init_train_state(self.config, self.task.variables, self._state_key),
+          self.state_sharding)
+    return self._state
+
+  @state.setter
+  def state(self, value: losses.TrainState) -> None:
+    self._state = value
 
   # --- pieces usable on their own ---------------------------------------------------------------
   def score_fn(self, params: Any):
@@ -211,11 +234,37 @@ class Trainer:
     return {"image": images, "label": jax.make_array_from_process_local_data(
         sharding, labels, global_shape[:2])}
 
+  def batch_spec(self) -> Any:
+    """Shape, dtype and sharding of the global batch :meth:`global_batch` makes (a dict with
+    'label' when the task trains on labels)."""
+    n = int(self.config.training.n_jitted_steps)
+    shape = (n, int(self.config.training.batch_size))
+    sharding = NamedSharding(self.mesh, P(None, "data"))
+    images = jax.ShapeDtypeStruct(shape + tuple(self.shape), jnp.float32, sharding=sharding)
+    if not self.task.with_labels:
+      return images
+    return {"image": images, "label": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)}
+
+  def _train_program(self, batch: Any) -> Callable:
+    """The compiled train program for batches shaped like ``batch`` (arrays or
+    ``jax.ShapeDtypeStruct``s): the first one is compiled ahead of time from the state's shapes,
+    other shapes go through the jitted function.
+
+    XLA's compiler takes about as much host memory as the state for a large network; compiling
+    before the state is built (train() compiles first) keeps the two from adding up, and the heap
+    the compiler freed is given back to the OS afterwards (docs/networks.md)."""
+    shapes = jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), batch)
+    if self._train_exe is None:
+      state = self.state_spec if self._state is None else self._state
+      self._train_exe = (shapes, self._multi_step.lower(state, batch).compile())
+      release_freed_memory()
+    compiled_shapes, compiled = self._train_exe
+    return compiled if shapes == compiled_shapes else self._multi_step
+
   def train_steps(self, local_batches: list[dict]) -> dict:
     """Runs ``n_jitted_steps`` updates (one compiled call); returns the metrics (on device)."""
-    self.state, metrics = self._multi_step(self.state, self.global_batch(local_batches))
-    if not self._compiled_step:  # the step is compiled now: give the compiler's heap back
-      self._compiled_step = release_freed_memory() or True
+    batch = self.global_batch(local_batches)
+    self.state, metrics = self._train_program(batch)(self.state, batch)
     return metrics
 
   def eval_loss(self, batch: jax.Array, key: jax.Array) -> jax.Array:
@@ -272,7 +321,11 @@ class Trainer:
       raise CheckpointMismatch(f"{self.workdir} holds a post-hoc EMA reconstruction "
                        f"({posthoc_ema.MARKER}): evaluate or sample it; train in the run's "
                        "own --workdir.")
+    latest = self.checkpoints.all_steps()[-1:] if self.checkpoints is not None else []
+    if not latest or latest[0] < cfg.n_iters:  # else nothing to train (unless it is unreadable)
+      self._train_program(self.batch_spec())
     step = self.restore()
+    release_freed_memory()  # what building (and replacing) the state left in the heap
     every = posthoc_ema.tracking_of(self.config)[0]
     if every and self.workdir and jax.process_index() == 0:
       # Snapshots after the restored step belong to the run's lost future: it writes them again.
