@@ -76,11 +76,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("out", None, "Write the records as JSON here.", **fv)
 
 
-# (part, substring of the op_name), first match wins; 'other' for the rest.
-PROFILE_PARTS = (("convolution", "conv_general_dilated"), ("GroupNorm", "GroupNorm"),
-                 ("dropout", "Dropout"), ("attention", "AttnBlock"),
-                 ("scanned-run parameter stacking", "/stack"),
-                 ("kernel-gradient windows", "dynamic_slice"), ("matmul", "dot_general"))
+# (part, regular expression searched in the op_name), first match wins; 'other' for the rest.
+PROFILE_PARTS = (
+    ("convolution kernel gradient", r"Conv_\d+/while/"),  # score_sde.models.conv's tap loop
+    ("convolution", r"conv_general_dilated"), ("GroupNorm", r"GroupNorm"),
+    ("dropout", r"Dropout"), ("attention", r"AttnBlock"),
+    ("scanned-run parameter stacking", r"/(un)?stack$"), ("matmul", r"dot_general"))
 
 
 def profile_parts(compiled, run, steps: int, top: int = 10) -> dict:
@@ -93,10 +94,10 @@ def profile_parts(compiled, run, steps: int, top: int = 10) -> dict:
     if m:
       names[m.group(1)] = m.group(2)
   with tempfile.TemporaryDirectory() as trace_dir:
-    t0 = time.perf_counter()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      t0 = time.perf_counter()
       run()
-    step_ms = (time.perf_counter() - t0) / steps * 1e3
+      step_ms = (time.perf_counter() - t0) / steps * 1e3
     (path,) = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
     with gzip.open(path) as f:
       events = json.load(f)
@@ -108,7 +109,7 @@ def profile_parts(compiled, run, steps: int, top: int = 10) -> dict:
   out = {"forward": collections.Counter(), "backward": collections.Counter()}
   for name, ms in per_instruction.items():
     op = names[name]
-    part = next((p for p, key in PROFILE_PARTS if key in op), "other")
+    part = next((p for p, pattern in PROFILE_PARTS if re.search(pattern, op)), "other")
     out["backward" if "transpose(" in op else "forward"][part] += ms
   return {"step_ms": round(step_ms, 1),
           **{k: {p: round(v, 1) for p, v in c.most_common()} for k, c in out.items()},
