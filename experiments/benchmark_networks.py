@@ -263,7 +263,8 @@ def main(argv) -> None:
           f"loss {r['final_loss']:.4g}", flush=True)
     if "profile" in r:
       for side in ("forward", "backward"):
-        print(f"  {side} ms per step: " + ", ".join(f"{k} {v}" for k, v in r["profile"][side].items()))
+        parts = r["profile"][side].items()
+        print(f"  {side} ms per step: " + ", ".join(f"{k} {v}" for k, v in parts))
     common.write_result(FLAGS.out, records, say=False)  # after every config
 
 

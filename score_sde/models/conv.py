@@ -95,9 +95,9 @@ def _kernel_grad(x, dy, kernel, strides, pads, dilation, precision):
     return _kernel_grad_conv(x, dy, kernel, strides, pads, dilation, precision)
   spatial_in, spatial_out = x.shape[1:-1], dy.shape[1:-1]
   c_in, c_out = x.shape[-1], dy.shape[-1]
-  dy_pad = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0),) + tuple(
-      ((k - 1) * d - lo, h + lo - o, 0)
-      for k, d, (lo, _), h, o in zip(kernel, dilation, pads, spatial_in, spatial_out)) + ((0, 0, 0),))
+  frame = tuple(((k - 1) * d - lo, h + lo - o, 0)
+                for k, d, (lo, _), h, o in zip(kernel, dilation, pads, spatial_in, spatial_out))
+  dy_pad = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0),) + frame + ((0, 0, 0),))
   starts = np.array([[(k - 1 - t) * d for k, t, d in zip(kernel, tap, dilation)]
                      for tap in itertools.product(*(range(k) for k in kernel))], np.int32)
   x_flat = x.reshape(-1, c_in)
