@@ -66,6 +66,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     **fv)
   flags.DEFINE_enum("remat", None, ["none", "elementwise", "blocks", "full"], "JAX side: "
                     "config.model.remat (None: the config's own).", **fv)
+  flags.DEFINE_integer("profile_steps", 0, "Steps profiled after the timed ones (0: none): the "
+                       "JAX side by program part (benchmark_networks --profile_steps), PyTorch's "
+                       "by aten op (torch.profiler self CPU time).", **fv)
   flags.DEFINE_string("label", "", "A note stored with the records (e.g. 'before').", **fv)
   flags.DEFINE_string("out", None, "Write the records and the summary as JSON here.", **fv)
 
@@ -81,19 +84,21 @@ def _peak_rss() -> int:
 
 
 def run_jax(batch: int, steps: int, warmup: int, trim: bool = True,
-            remat: str | None = None) -> dict:
+            remat: str | None = None, profile_steps: int = 0) -> dict:
   """Our step, measured by :func:`experiments.benchmark_networks.benchmark` (float32; ``trim``:
   the compiler's freed heap is given back after compiling, as the Trainer does; ``remat``:
   ``config.model.remat``, None for the config's own)."""
   from experiments import benchmark_networks
   record = benchmark_networks.benchmark(CONFIG, batch, steps, warmup, "float32", trim=trim,
-                                        remat=remat)
+                                        remat=remat, profile_steps=profile_steps)
   record.update(side="jax", peak_rss_bytes=_peak_rss(), end_rss_bytes=_rss_now())
   return record
 
 
-def run_pytorch(batch: int, steps: int, warmup: int, repo: str) -> dict:
-  """score_sde_pytorch's own train step, built as its ``run_lib.train`` builds it."""
+def run_pytorch(batch: int, steps: int, warmup: int, repo: str, profile_steps: int = 0) -> dict:
+  """score_sde_pytorch's own train step, built as its ``run_lib.train`` builds it; with
+  ``profile_steps`` also ``profile``: self CPU milliseconds per step of its 15 costliest aten ops
+  and of all of them (``torch.profiler``)."""
   import importlib
   import torch
   import torch.utils.cpp_extension as cpp_extension
@@ -134,7 +139,18 @@ def run_pytorch(batch: int, steps: int, warmup: int, repo: str) -> dict:
   for _ in range(steps):
     loss = step_fn(state, x)
   run_s = time.perf_counter() - t0
-  return {"side": "pytorch", "config": CONFIG, "params": int(n_params), "batch": batch,
+  profile = None
+  if profile_steps:
+    from torch.profiler import ProfilerActivity
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+      for _ in range(profile_steps):
+        step_fn(state, x)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    per_step = lambda us: round(us / 1e3 / profile_steps, 1)
+    profile = {"total_ms": per_step(sum(e.self_cpu_time_total for e in ops)),
+               "ops_ms": {e.key: per_step(e.self_cpu_time_total) for e in ops[:15]}}
+  return {"side": "pytorch", "profile": profile, "config": CONFIG, "params": int(n_params),
+          "batch": batch,
           "steps": steps, "warmup": warmup, "torch": torch.__version__,
           "torch_threads": torch.get_num_threads(), "host_cpus": os.cpu_count(),
           "load_avg_1min": round(os.getloadavg()[0], 2), "build_s": round(build_s, 3),
@@ -147,7 +163,8 @@ def run_pytorch(batch: int, steps: int, warmup: int, repo: str) -> dict:
 def _child(side: str) -> dict:
   """Runs one side in a fresh ``python -m`` subprocess; returns its JSON record."""
   cmd = [sys.executable, "-m", "experiments.benchmark_vs_pytorch", f"--side={side}",
-         f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}"]
+         f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}",
+         f"--profile_steps={FLAGS.profile_steps}"]
   env = dict(os.environ)
   if side == "pytorch":
     if not FLAGS.pytorch_repo:
@@ -196,12 +213,11 @@ def main(argv) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.side == "jax":
     print(json.dumps(run_jax(FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.malloc_trim,
-                             FLAGS.remat)),
-          flush=True)
+                             FLAGS.remat, FLAGS.profile_steps)), flush=True)
     return
   if FLAGS.side == "pytorch":
-    print(json.dumps(run_pytorch(FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.pytorch_repo)),
-          flush=True)
+    print(json.dumps(run_pytorch(FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.pytorch_repo,
+                                 FLAGS.profile_steps)), flush=True)
     return
   records = []
   sides = SIDES if FLAGS.pytorch_repo else ("jax",)
