@@ -7,8 +7,8 @@ Scripts (each has ``define_flags(flag_values)`` and an absl ``main``): ``main`` 
 sample), ``import_checkpoint``, ``param_counts``; benchmarks ``benchmark`` (training and sampling
 cost), ``benchmark_networks``, ``benchmark_scaling``, ``benchmark_conv_loop``,
 ``benchmark_conv_grad``, ``benchmark_inception``, ``benchmark_samplers`` (exact score),
-``benchmark_samplers_mnist`` (trained network), ``benchmark_start_time``; comparisons with Hugging Face diffusers
-``compare_reference_samplers`` and ``compare_reference_samplers_mnist``.
+``benchmark_samplers_mnist`` (trained network), ``benchmark_start_time``; comparisons with Hugging
+Face diffusers ``compare_reference_samplers`` and ``compare_reference_samplers_mnist``.
 
 Shared modules, imported and never run: ``common`` (SDE names, the exact-score source and
 distances, the sampler grid, output helpers), ``mnist_setup`` (the settings, trained model,

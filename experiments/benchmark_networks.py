@@ -40,8 +40,8 @@ import importlib
 import json
 import os
 import re
-import tempfile
 import resource
+import tempfile
 import time
 
 import jax

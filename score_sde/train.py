@@ -99,6 +99,7 @@ class Trainer:
         state, self.state_sharding)
     self._state = None
     self._state_key = state_key
+    self.batch_sharding = NamedSharding(self.mesh, P(None, "data"))  # [n_jitted_steps, batch]
     self.scaler = datasets.get_data_scaler(config)
     self.inverse_scaler = datasets.get_data_inverse_scaler(config)
     n = int(config.training.n_jitted_steps)
@@ -106,7 +107,7 @@ class Trainer:
                                                        loss_fn=task.loss_fn))
     self._multi_step = jax.jit(
         losses.get_multi_step_fn(step_fn, n),
-        in_shardings=(self.state_sharding, NamedSharding(self.mesh, P(None, "data"))),
+        in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
     self._eval_loss = None
     self._train_exe = None  # (batch shapes, self._multi_step compiled for them)
@@ -225,7 +226,7 @@ class Trainer:
     """Stacks n process-local batches into one ``[n, global_batch, ...]`` array sharded on axis 1
     (a ``{'image', 'label'}`` dict when the task trains on labels)."""
     local = np.stack([self.scaler(b["image"]) for b in local_batches]).astype(np.float32)
-    sharding = NamedSharding(self.mesh, P(None, "data"))
+    sharding = self.batch_sharding
     global_shape = (local.shape[0], local.shape[1] * jax.process_count()) + local.shape[2:]
     images = jax.make_array_from_process_local_data(sharding, local, global_shape)
     if not self.task.with_labels:
@@ -239,11 +240,12 @@ class Trainer:
     'label' when the task trains on labels)."""
     n = int(self.config.training.n_jitted_steps)
     shape = (n, int(self.config.training.batch_size))
-    sharding = NamedSharding(self.mesh, P(None, "data"))
-    images = jax.ShapeDtypeStruct(shape + tuple(self.shape), jnp.float32, sharding=sharding)
+    images = jax.ShapeDtypeStruct(shape + tuple(self.shape), jnp.float32,
+                                  sharding=self.batch_sharding)
     if not self.task.with_labels:
       return images
-    return {"image": images, "label": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)}
+    return {"image": images,
+            "label": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)}
 
   def _train_program(self, batch: Any) -> Callable:
     """The compiled train program for batches shaped like ``batch`` (arrays or
@@ -255,8 +257,7 @@ class Trainer:
     the compiler freed is given back to the OS afterwards (docs/networks.md)."""
     shapes = jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), batch)
     if self._train_exe is None:
-      state = self.state_spec if self._state is None else self._state
-      self._train_exe = (shapes, self._multi_step.lower(state, batch).compile())
+      self._train_exe = (shapes, self._multi_step.lower(self.state_spec, batch).compile())
       release_freed_memory()
     compiled_shapes, compiled = self._train_exe
     return compiled if shapes == compiled_shapes else self._multi_step

@@ -114,7 +114,7 @@ def _kernel_grad(x, dy, kernel, strides, pads, dilation, precision):
 
 
 def _kernel_grad_conv(x, dy, kernel, strides, pads, dilation, precision):
-  """The kernel gradient as one canonical convolution (for kernels with many taps).
+  """The kernel gradient as one canonical convolution (strided convolutions).
 
   Channels of x act as the batch, the batch as the contracted features, and dy is the kernel
   (dilated by the stride); the window steps by the kernel dilation.
