@@ -72,7 +72,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "('none', 'elementwise', 'blocks', 'full'): one record per (config, remat).",
                     **fv)
   flags.DEFINE_integer("profile_steps", 0, "Steps traced with jax.profiler after the timed ones "
-                       "(0: none); the record gets 'profile', ms per step by program part.", **fv)
+                       "(0: none); the record gets 'profile', ms per step by program part.",
+                       lower_bound=0, **fv)
   flags.DEFINE_string("out", None, "Write the records as JSON here.", **fv)
 
 

@@ -68,7 +68,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "config.model.remat (None: the config's own).", **fv)
   flags.DEFINE_integer("profile_steps", 0, "Steps profiled after the timed ones (0: none): the "
                        "JAX side by program part (benchmark_networks --profile_steps), PyTorch's "
-                       "by aten op (torch.profiler self CPU time).", **fv)
+                       "by aten op (torch.profiler self CPU time).", lower_bound=0, **fv)
   flags.DEFINE_string("label", "", "A note stored with the records (e.g. 'before').", **fv)
   flags.DEFINE_string("out", None, "Write the records and the summary as JSON here.", **fv)
 

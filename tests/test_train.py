@@ -57,6 +57,30 @@ def test_resume_continues_the_same_trajectory_bitwise(tmp_path):
   ref.checkpoints.close(); second.checkpoints.close()
 
 
+def test_train_program_is_compiled_from_shapes_before_the_state_exists():
+  """train() compiles first (docs/networks.md: the compiler's memory and the state's do not add up):
+  compiling needs only state_spec / batch_spec, and the compiled program steps exactly as the
+  jitted one; a batch of another size goes through the jitted function."""
+  from score_sde import datasets
+  cfg = tiny_toy_config()
+  trainer, ref = Trainer(cfg, mesh=_one_device_mesh()), Trainer(cfg, mesh=_one_device_mesh())
+  compiled = trainer._train_program(trainer.batch_spec())
+  assert trainer._state is None  # nothing of the state was built to compile
+  ds = datasets.get_dataset(cfg, "train", start_step=0)
+  n = cfg.training.n_jitted_steps
+  batches = [[next(ds) for _ in range(n)] for _ in range(2)]
+  ref_state = ref.state
+  for b in batches:
+    ref_state, ref_metrics = ref._multi_step(ref_state, ref.global_batch(b))
+    np.testing.assert_array_equal(trainer.train_steps(b)["loss"], ref_metrics["loss"])
+  for a, b in zip(jax.tree.leaves(jax.device_get(trainer.state)),
+                  jax.tree.leaves(jax.device_get(ref_state))):
+    np.testing.assert_array_equal(a, b)
+  half = [{"image": b["image"][: len(b["image"]) // 2]} for b in batches[0]]
+  assert np.all(np.isfinite(np.asarray(trainer.train_steps(half)["loss"])))
+  assert trainer._train_exe[1] is compiled
+
+
 def test_training_reduces_loss_and_learns_the_score():
   """A short run on the toy mixture must beat the untrained network by a wide margin."""
   from score_sde import datasets
