@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde.models import group_norm as gn
 from score_sde.models import layers
 from score_sde.models import up_or_down_sampling as updown
 
@@ -28,7 +29,7 @@ default_init = layers.default_init
 
 def group_norm(x: Array, dtype: Dtype = jnp.float32) -> Array:
   """GroupNorm with ``min(C // 4, 32)`` groups, created in the caller's scope."""
-  return nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), dtype=dtype)(x)
+  return gn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), dtype=dtype)(x)
 
 
 def _skip(x: Array, h: Array, skip_rescale: bool) -> Array:

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from score_sde.models.group_norm import GroupNorm
+
 Array = jax.Array
 
 _EPS = 1e-5
@@ -45,7 +47,7 @@ def get_normalization(config, conditional: bool = False):
     num_classes = config.model.get("num_classes", None) or config.model.num_scales
     return functools.partial(ConditionalInstanceNorm2dPlus, num_classes=int(num_classes))
   norms = {"InstanceNorm": InstanceNorm2d, "InstanceNorm++": InstanceNorm2dPlus,
-           "VarianceNorm": VarianceNorm2d, "GroupNorm": nn.GroupNorm}
+           "VarianceNorm": VarianceNorm2d, "GroupNorm": GroupNorm}
   if norm not in norms:
     raise ValueError(f"config.model.normalization={norm!r} is unknown; choose one of "
                      f"{sorted(norms)}.")

@@ -7,7 +7,8 @@ intermediates are recomputed in the backward pass (one more forward through it):
   * ``'none'`` (default): everything stored; fastest, most memory.
   * ``'elementwise'``: each block (as for 'blocks') is checkpointed with a policy that keeps the
     outputs of its convolutions and matrix products (:data:`ELEMENTWISE_POLICY`; convolutions are
-    named ``'conv'`` by :mod:`score_sde.models.conv`) and recomputes only what lies between them:
+    named ``'conv'`` by :mod:`score_sde.models.conv`) and GroupNorm's per-group statistics
+    (:mod:`score_sde.models.group_norm`), and recomputes only what lies between them, elementwise:
     normalization, activations, dropout masks (from the same keys), additions. No convolution or
     matmul runs twice; the stored activations are about halved (measured: docs/networks.md).
   * ``'blocks'``: each residual block and each attention block of the network (and each unit of a
@@ -34,15 +35,15 @@ from typing import Any, Callable, Union
 import flax.linen as nn
 import jax
 
-from score_sde.models import conv
+from score_sde.models import conv, group_norm
 
 REMATS = ("none", "elementwise", "blocks", "full")
 # model.remat values that checkpoint every block of the network (each needs a network with blocks).
 BLOCK_REMATS = ("elementwise", "blocks")
-# Inside a block under 'elementwise': store convolution outputs (named by models.conv) and dot
-# products.
+# Inside a block under 'elementwise': store convolution outputs (named by models.conv), dot
+# products and GroupNorm's per-group statistics (models.group_norm; [B, G] each).
 ELEMENTWISE_POLICY = jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.save_only_these_names(conv.CHECKPOINT_NAME),
+    jax.checkpoint_policies.save_only_these_names(conv.CHECKPOINT_NAME, group_norm.STATS_NAME),
     jax.checkpoint_policies.dots_saveable)
 # Networks that checkpoint their blocks with model.remat='blocks' / 'elementwise' (registry names).
 _NETWORKS_WITH_BLOCKS = ("ncsnpp", "ddpm", "small_unet", "toy_mlp", "dit")

@@ -29,13 +29,14 @@ import jax.numpy as jnp
 
 from score_sde.models import embeddings, remat
 from score_sde.models.conv import Conv
+from score_sde.models.group_norm import GroupNorm
 from score_sde.models.utils import register_model
 
 Array = jax.Array
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=max(1, min(32, channels // 4)))
+def _group_norm(channels: int) -> GroupNorm:
+  return GroupNorm(num_groups=max(1, min(32, channels // 4)))
 
 
 class ResBlock(nn.Module):

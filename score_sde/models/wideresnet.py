@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_sde.models.conv import Conv
+from score_sde.models.group_norm import GroupNorm
 
 Array = jax.Array
 
@@ -34,7 +35,7 @@ def dense_layer_init(key, shape, dtype=jnp.float32):
 
 
 def _norm_act(x: Array, name: str, apply_relu: bool = True) -> Array:
-  x = nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), epsilon=1e-5, name=name)(x)
+  x = GroupNorm(num_groups=min(x.shape[-1] // 4, 32), epsilon=1e-5, name=name)(x)
   return jax.nn.relu(x) if apply_relu else x
 
 
