@@ -45,14 +45,13 @@ STATS_NAME = "group_norm_stats"
 
 def _stats(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Array]:
   """(mu, r) of shape [B, G] in float32 (module docstring)."""
-  b, c = x.shape[0], x.shape[-1]
+  b = x.shape[0]
   axes = tuple(range(1, x.ndim - 1))
   n = x.size // (b * num_groups)
   s1 = jnp.sum(x, axis=axes).reshape(b, num_groups, -1).sum(-1)
   s2 = jnp.sum(jnp.square(x), axis=axes).reshape(b, num_groups, -1).sum(-1)
   mu = s1 / n
   var = jnp.maximum(s2 / n - jnp.square(mu), 0.0)
-  del c
   return mu, jax.lax.rsqrt(var + epsilon)
 
 
@@ -84,7 +83,7 @@ def _group_norm_bwd(num_groups, epsilon, res, dy):
   x, mu, r, scale, bias = res
   xf = x.astype(jnp.float32)
   dy = dy.astype(jnp.float32)
-  b, c = x.shape[0], x.shape[-1]
+  b = x.shape[0]
   axes = tuple(range(1, x.ndim - 1))
   n = x.size // (b * num_groups)
   r_c = _per_channel(r, xf)
@@ -97,7 +96,6 @@ def _group_norm_bwd(num_groups, epsilon, res, dy):
   dx = r_c * (dy * s - _per_channel(su, xf) - xhat * _per_channel(sux, xf))
   dscale = jnp.sum(p2, axis=0).astype(scale.dtype)
   dbias = jnp.sum(p1, axis=0).astype(bias.dtype)
-  del c
   return dx.astype(x.dtype), dscale, dbias
 
 
