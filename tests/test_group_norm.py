@@ -132,3 +132,28 @@ def test_networks_use_it_with_unchanged_parameter_names():
 def test_groups_that_do_not_divide_the_channels_fail_with_the_numbers(groups):
   with pytest.raises(ValueError, match=rf"num_groups={groups} does not divide the 16 channels"):
     gn.GroupNorm(num_groups=groups).init(jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 16)))
+
+
+def test_both_backward_paths_give_flaxs_gradients_and_forward_mode_off_the_custom_one():
+  """custom_backward=True (the CPU default) and False (other backends: JAX differentiates the same
+  forward) give flax's gradients; forward mode works through the plain path, equal to flax's, and
+  the custom_vjp path refuses it."""
+  kx, kt = jax.random.split(jax.random.PRNGKey(5))
+  x = 2.0 * jax.random.normal(kx, (2, 6, 6, 16)) - 1.0
+  ref = nn.GroupNorm(num_groups=4)
+  v = _perturbed(ref.init(jax.random.PRNGKey(1), x), jax.random.PRNGKey(2))
+  scale, bias = v["params"]["scale"], v["params"]["bias"]
+  eps = ref.epsilon
+  g_ref = jax.grad(lambda x, v: jnp.sum(jnp.sin(ref.apply(v, x))), argnums=(0, 1))(x, v)
+  for custom in (True, False):
+    f = lambda x, s, b: gn.normalize(x, s, b, 4, eps, custom_backward=custom)
+    g = jax.grad(lambda x, s, b: jnp.sum(jnp.sin(f(x, s, b))), argnums=(0, 1, 2))(x, scale, bias)
+    np.testing.assert_allclose(g[0], g_ref[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g[1], g_ref[1]["params"]["scale"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g[2], g_ref[1]["params"]["bias"], rtol=1e-4, atol=1e-4)
+  dx = jax.random.normal(kt, x.shape)
+  _, t_ref = jax.jvp(lambda x: ref.apply(v, x), (x,), (dx,))
+  _, t = jax.jvp(lambda x: gn.normalize(x, scale, bias, 4, eps, custom_backward=False), (x,), (dx,))
+  np.testing.assert_allclose(t, t_ref, rtol=1e-4, atol=1e-5)
+  with pytest.raises(TypeError, match="jvp"):
+    jax.jvp(lambda x: gn.normalize(x, scale, bias, 4, eps, custom_backward=True), (x,), (dx,))

@@ -18,6 +18,10 @@ fused kernel's ~0.06 s (docs/networks.md, Throughput). The statistics (mu, r: [B
 :data:`STATS_NAME` so ``model.remat='elementwise'`` keeps them and its recomputation of the
 normalized values in the backward pass is elementwise only.
 
+The hand-written backward (a ``jax.custom_vjp``, reverse mode only) is used on the CPU backend,
+where it was measured, as the CPU convolution of :mod:`score_sde.models.conv`; on other backends
+the same forward pass is differentiated by JAX (so ``jax.jvp`` works there).
+
 Statistics and both passes run in float32 whatever the input dtype (as flax's
 ``force_float32_reductions``); the output has ``dtype`` (None: the promoted input / parameter
 dtype), ``dx`` the input's dtype. Parameters are flax's: ``scale`` (ones) and ``bias`` (zeros) of
@@ -36,7 +40,7 @@ from jax.ad_checkpoint import checkpoint_name
 Array = jax.Array
 Dtype = Any
 
-__all__ = ["GroupNorm", "group_norm", "STATS_NAME"]
+__all__ = ["GroupNorm", "group_norm", "normalize", "STATS_NAME"]
 
 # The per-group mean and inverse standard deviation, for jax.checkpoint policies
 # (model.remat='elementwise' stores them: score_sde.models.remat).
@@ -102,6 +106,18 @@ def _group_norm_bwd(num_groups, epsilon, res, dy):
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
+def normalize(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: float,
+              custom_backward: Optional[bool] = None) -> Array:
+  """``xhat * scale + bias`` (module docstring). ``custom_backward`` (None: on the CPU backend, as
+  :mod:`score_sde.models.conv`): :func:`group_norm`, whose hand-written backward is reverse mode
+  only; otherwise the same forward pass differentiated by JAX (forward mode too)."""
+  if custom_backward is None:
+    custom_backward = jax.default_backend() == "cpu"
+  if custom_backward:
+    return group_norm(x, scale, bias, num_groups, epsilon)
+  return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
+
+
 class GroupNorm(nn.Module):
   """``flax.linen.GroupNorm`` (``num_groups`` groups over the last axis, statistics over all axes
   but the batch) computed by :func:`group_norm`: same parameters, values to float round-off.
@@ -124,4 +140,4 @@ class GroupNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-    return group_norm(x, scale, bias, self.num_groups, self.epsilon).astype(dtype)
+    return normalize(x, scale, bias, self.num_groups, self.epsilon).astype(dtype)
