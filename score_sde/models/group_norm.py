@@ -47,13 +47,18 @@ __all__ = ["GroupNorm", "group_norm", "normalize", "STATS_NAME"]
 STATS_NAME = "group_norm_stats"
 
 
+def _group_sum(v: Array, num_groups: int) -> Array:
+  """[B, C] -> [B, G]: the sum over each group's channels."""
+  return v.reshape(v.shape[0], num_groups, -1).sum(-1)
+
+
 def _stats(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Array]:
   """(mu, r) of shape [B, G] in float32 (module docstring)."""
   b = x.shape[0]
   axes = tuple(range(1, x.ndim - 1))
   n = x.size // (b * num_groups)
-  s1 = jnp.sum(x, axis=axes).reshape(b, num_groups, -1).sum(-1)
-  s2 = jnp.sum(jnp.square(x), axis=axes).reshape(b, num_groups, -1).sum(-1)
+  s1 = _group_sum(jnp.sum(x, axis=axes), num_groups)
+  s2 = _group_sum(jnp.sum(jnp.square(x), axis=axes), num_groups)
   mu = s1 / n
   var = jnp.maximum(s2 / n - jnp.square(mu), 0.0)
   return mu, jax.lax.rsqrt(var + epsilon)
@@ -95,8 +100,8 @@ def _group_norm_bwd(num_groups, epsilon, res, dy):
   p1 = jnp.sum(dy, axis=axes)  # [B, C]
   p2 = jnp.sum(dy * xhat, axis=axes)  # [B, C]
   s = scale.astype(jnp.float32)
-  su = (p1 * s).reshape(b, num_groups, -1).sum(-1) / n  # [B, G]
-  sux = (p2 * s).reshape(b, num_groups, -1).sum(-1) / n
+  su = _group_sum(p1 * s, num_groups) / n  # [B, G]
+  sux = _group_sum(p2 * s, num_groups) / n
   dx = r_c * (dy * s - _per_channel(su, xf) - xhat * _per_channel(sux, xf))
   dscale = jnp.sum(p2, axis=0).astype(scale.dtype)
   dbias = jnp.sum(p1, axis=0).astype(bias.dtype)
