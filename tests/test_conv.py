@@ -1,6 +1,7 @@
 """The CPU-friendly convolution: same values and gradients as lax.conv_general_dilated."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -88,6 +89,29 @@ def test_kernel_gradient_with_padding_beyond_the_kernel_and_in_bfloat16():
         xs, w, (1, 1), pads, dimension_numbers=dn).astype(jnp.float32))))(ws)
     assert got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=tol, atol=tol * 10)
+
+
+def test_kernel_gradient_products_are_row_major():
+  """Each tap's product is [C_in, M] x [M, C_out] (lhs axis 1 contracted with rhs axis 0): the form
+  XLA:CPU hands to its YNNPACK GEMM (contracting both leading axes went to Eigen, 1.2-2.5x slower)."""
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 6, 3))
+  w = jax.random.normal(jax.random.PRNGKey(6), (3, 3, 3, 5))
+  dn = ("NHWC", "HWIO", "NHWC")
+  grad_w = lambda w: jax.grad(lambda w: jnp.sum(conv_lib.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=dn) ** 2))(w)
+  dots = []
+
+  def collect(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        dots.append((eqn.params["dimension_numbers"], eqn.invars[0].aval.shape,
+                     eqn.invars[1].aval.shape))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        collect(sub)
+
+  collect(jax.make_jaxpr(grad_w)(w).jaxpr)
+  assert ((((1,), (0,)), ((), ())), (3, 72), (72, 5)) in dots, dots
+  assert all(d[0][0] != ((0,), (0,)) for d in dots), dots
 
 
 def test_benchmark_conv_grad_times_and_checks_both_gradients():
