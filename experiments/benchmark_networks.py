@@ -74,6 +74,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("profile_steps", 0, "Steps traced with jax.profiler after the timed ones "
                        "(0: none); the record gets 'profile', ms per step by program part.",
                        lower_bound=0, **fv)
+  flags.DEFINE_integer("jitted_steps", 1, "Updates per compiled call (lax.scan), as the Trainer "
+                       "runs config.training.n_jitted_steps; times are per update.", lower_bound=1,
+                       **fv)
   flags.DEFINE_string("out", None, "Write the records as JSON here.", **fv)
 
 
@@ -156,15 +159,21 @@ def memory_analysis(compiled) -> dict:
 
 def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: int = 0,
               config=None, remat: str | None = None, trim: bool = True,
-              profile_steps: int = 0) -> dict:
+              profile_steps: int = 0, jitted_steps: int = 1) -> dict:
   """Times one training update of ``configs.<name>`` at ``batch`` on the default device.
 
   ``config``: use this config instead of importing ``configs.<name>`` (``name`` only labels the
   record); ``remat``: set ``config.model.remat`` ('none' / 'elementwise' / 'blocks' / 'full');
   ``trim``: return the compiler's freed heap to the OS after compiling, as the Trainer does
   (:func:`score_sde.host_memory.release_freed_memory`); ``profile_steps``: trace that many more
-  steps (:func:`profile_parts`).
+  steps (:func:`profile_parts`); ``jitted_steps``: updates per compiled call (the Trainer's
+  ``config.training.n_jitted_steps``, :func:`score_sde.losses.get_multi_step_fn`): ``steps``,
+  ``warmup`` and ``profile_steps`` are rounded up to whole calls, times are per update.
   """
+  jitted_steps = int(jitted_steps)
+  if jitted_steps < 1:
+    raise ValueError(f"jitted_steps must be >= 1, got {jitted_steps}.")
+  calls = lambda n: -(-int(n) // jitted_steps)  # whole compiled calls covering n updates
   if config is None:
     config = importlib.import_module(f"configs.{name}").get_config()
   config.model.dtype = dtype
@@ -188,8 +197,12 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
   n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(abstract_state.params)))
   x = jax.random.uniform(jax.random.PRNGKey(seed + 2), shape, jnp.float32)
   x = 2 * x - 1 if config.data.centered else x
+  step_fn = losses.get_train_step_fn(config, sde, model)
+  if jitted_steps > 1:  # as the Trainer runs it; the same batch for every update
+    step_fn = losses.get_multi_step_fn(step_fn, jitted_steps)
+    x = jnp.broadcast_to(x, (jitted_steps,) + x.shape)
 
-  step = jax.jit(losses.get_train_step_fn(config, sde, model), donate_argnums=(0,))
+  step = jax.jit(step_fn, donate_argnums=(0,))
   t0 = time.perf_counter()
   lowered = step.lower(abstract_state, x)
   lower_s = time.perf_counter() - t0
@@ -207,11 +220,12 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
   if trim:
     host_memory.release_freed_memory()
 
-  for _ in range(warmup):
+  for _ in range(calls(warmup)):
     state, metrics = compiled(state, x)
   jax.block_until_ready(state)
+  steps = calls(steps) * jitted_steps
   t0 = time.perf_counter()
-  for _ in range(steps):
+  for _ in range(steps // jitted_steps):
     state, metrics = compiled(state, x)
   jax.block_until_ready((state, metrics))
   run_s = time.perf_counter() - t0
@@ -220,14 +234,14 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
   if profile_steps:
     def run():
       nonlocal state, metrics
-      for _ in range(profile_steps):
+      for _ in range(calls(profile_steps)):
         state, metrics = compiled(state, x)
       jax.block_until_ready((state, metrics))
-    profile = profile_parts(compiled, run, profile_steps)
+    profile = profile_parts(compiled, run, calls(profile_steps) * jitted_steps)
   record = {
       "config": name, "network": config.model.name, "params": n_params, "dtype": dtype,
       "remat": str(config.model.get("remat", None) or "none"),
-      "batch": batch, "steps": steps, "warmup": warmup,
+      "batch": batch, "steps": steps, "warmup": warmup, "jitted_steps": jitted_steps,
       "device": str(device.device_kind), "platform": device.platform,
       "num_devices_visible": jax.device_count(), "jax": jax.__version__,
       "init_s": round(init_s, 3), "trace_lower_s": round(lower_s, 3),
@@ -239,8 +253,8 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
       "peak_memory_bytes": peak, "peak_memory_source": source,
       "xla_temp_bytes": temp_bytes, "xla_memory_analysis": xla_memory,
       "rss_after_compile_bytes": rss_compiled, "rss_after_trim_bytes": rss_trimmed,
-      "malloc_trim": bool(trim), "final_loss": float(metrics["loss"]),
-      "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
+      "malloc_trim": bool(trim), "final_loss": float(np.ravel(metrics["loss"])[-1]),
+      "loss_finite": bool(np.all(np.isfinite(metrics["loss"]))),
   }
   if profile is not None:
     record["profile"] = profile
@@ -252,7 +266,7 @@ def main(argv) -> None:
   records = []
   for name, remat in [(n, m) for n in FLAGS.configs for m in FLAGS.remat]:
     r = benchmark(name, FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.dtype, remat=remat,
-                  profile_steps=FLAGS.profile_steps)
+                  profile_steps=FLAGS.profile_steps, jitted_steps=FLAGS.jitted_steps)
     records.append(r)
     mem = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']})"
     print(f"{r['config']} [{r['network']}, {r['params'] / 1e6:.1f}M params, {r['dtype']}, "
@@ -260,7 +274,8 @@ def main(argv) -> None:
           f"{r['platform']}: {r['device']}] batch {r['batch']}: init {r['init_s']:.1f} s, "
           f"trace+lower {r['trace_lower_s']:.1f} s, compile {r['compile_s']:.1f} s "
           f"({r['compile_cpu_s']:.1f} CPU s, load {r['load_avg_1min']}), "
-          f"{r['step_s']:.3f} s/step, {r['images_per_s']:.1f} images/s, peak memory {mem}, "
+          f"{r['step_s']:.3f} s/step ({r['jitted_steps']} per call), "
+          f"{r['images_per_s']:.1f} images/s, peak memory {mem}, "
           f"loss {r['final_loss']:.4g}", flush=True)
     if "profile" in r:
       for side in ("forward", "backward"):

@@ -8,7 +8,11 @@ config's data range:
 * **jax** (this framework): ``score_sde.losses.get_train_step_fn`` jitted with the state donated
   (DSM loss, backward, global-norm clipping, Adam, EMA), as ``experiments.benchmark_networks``
   builds it (``benchmark_networks.benchmark``), plus XLA's ``memory_analysis()`` of the step
-  (argument / output / alias / temporary / generated-code bytes).
+  (argument / output / alias / temporary / generated-code bytes). ``--jitted_steps 5`` times the
+  program the Trainer runs for this config (``config.training.n_jitted_steps = 5`` updates per
+  compiled call, :func:`score_sde.losses.get_multi_step_fn`); the default 1 calls the step once
+  per update, which pays XLA's per-call costs (its temporaries are fresh pages every call) on
+  every update.
 * **pytorch**: score_sde_pytorch's own ``losses.get_step_fn(sde, train=True, optimize_fn=
   losses.optimization_manager(config), ...)`` on ``state = dict(optimizer, model, ema, step)``
   exactly as its ``run_lib.train`` builds it (loss, ``backward``, ``clip_grad_norm_``, Adam,
@@ -69,6 +73,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("profile_steps", 0, "Steps profiled after the timed ones (0: none): the "
                        "JAX side by program part (benchmark_networks --profile_steps), PyTorch's "
                        "by aten op (torch.profiler self CPU time).", lower_bound=0, **fv)
+  flags.DEFINE_integer("jitted_steps", 1, "JAX side: updates per compiled call (lax.scan), as "
+                       "the Trainer runs config.training.n_jitted_steps (5 for this config); "
+                       "times are per update either way.", lower_bound=1, **fv)
   flags.DEFINE_string("label", "", "A note stored with the records (e.g. 'before').", **fv)
   flags.DEFINE_string("out", None, "Write the records and the summary as JSON here.", **fv)
 
@@ -84,13 +91,15 @@ def _peak_rss() -> int:
 
 
 def run_jax(batch: int, steps: int, warmup: int, trim: bool = True,
-            remat: str | None = None, profile_steps: int = 0) -> dict:
+            remat: str | None = None, profile_steps: int = 0, jitted_steps: int = 1) -> dict:
   """Our step, measured by :func:`experiments.benchmark_networks.benchmark` (float32; ``trim``:
   the compiler's freed heap is given back after compiling, as the Trainer does; ``remat``:
-  ``config.model.remat``, None for the config's own)."""
+  ``config.model.remat``, None for the config's own; ``jitted_steps``: updates per compiled call,
+  as the Trainer runs ``config.training.n_jitted_steps``)."""
   from experiments import benchmark_networks
   record = benchmark_networks.benchmark(CONFIG, batch, steps, warmup, "float32", trim=trim,
-                                        remat=remat, profile_steps=profile_steps)
+                                        remat=remat, profile_steps=profile_steps,
+                                        jitted_steps=jitted_steps)
   record.update(side="jax", peak_rss_bytes=_peak_rss(), end_rss_bytes=_rss_now())
   return record
 
@@ -175,7 +184,7 @@ def _child(side: str) -> dict:
       env["PYTHONPATH"] = os.pathsep.join(p for p in (FLAGS.torch_path, env.get("PYTHONPATH"))
                                           if p)
   else:
-    cmd.append(f"--malloc_trim={FLAGS.malloc_trim}")
+    cmd += [f"--malloc_trim={FLAGS.malloc_trim}", f"--jitted_steps={FLAGS.jitted_steps}"]
     if FLAGS.remat:
       cmd.append(f"--remat={FLAGS.remat}")
     env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
@@ -213,7 +222,7 @@ def main(argv) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.side == "jax":
     print(json.dumps(run_jax(FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.malloc_trim,
-                             FLAGS.remat, FLAGS.profile_steps)), flush=True)
+                             FLAGS.remat, FLAGS.profile_steps, FLAGS.jitted_steps)), flush=True)
     return
   if FLAGS.side == "pytorch":
     print(json.dumps(run_pytorch(FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.pytorch_repo,
