@@ -13,8 +13,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
-__all__ = ["release_freed_memory"]
+__all__ = ["release_freed_memory", "use_memory_ordered_schedule_on_cpu", "SCHEDULER_FLAG",
+           "SCHEDULER_ENV_VAR"]
+
+# XLA:CPU orders a program's instructions to run independent ones side by side by default, which
+# keeps more buffers alive at once (DDPM++ cont. train step at batch 8: 0.94 GiB of temporaries);
+# with this flag it orders them for memory (0.69 GiB), and the step ran faster too (3.63 vs
+# 3.85 s on 2 cores: fewer fresh pages per call), docs/networks.md.
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+SCHEDULER_ENV_VAR = "SCORE_SDE_CPU_SCHEDULER"  # 'concurrency' keeps XLA's default
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,3 +40,26 @@ def release_freed_memory() -> bool:
   released, False when nothing was or the C library has no ``malloc_trim``."""
   trim = _malloc_trim()
   return bool(trim(0)) if trim is not None else False
+
+
+def use_memory_ordered_schedule_on_cpu() -> bool:
+  """Adds :data:`SCHEDULER_FLAG` to ``XLA_FLAGS`` (called by ``import score_sde``); True if added.
+
+  XLA reads ``XLA_FLAGS`` once, when JAX makes its first backend, so this does nothing once a
+  backend exists (import score_sde before running any JAX computation), nothing when ``XLA_FLAGS``
+  already names the flag (either value: the user's choice wins), and nothing with the environment
+  variable ``SCORE_SDE_CPU_SCHEDULER=concurrency`` (:data:`SCHEDULER_ENV_VAR`). The flag only concerns the CPU backend.
+  """
+  if os.environ.get(SCHEDULER_ENV_VAR, "").lower() == "concurrency":
+    return False
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
+    return False
+  try:
+    from jax._src import xla_bridge
+    if getattr(xla_bridge, "_backends", None):  # too late: the flags were read
+      return False
+  except ImportError:
+    pass
+  os.environ["XLA_FLAGS"] = f"{flags} {SCHEDULER_FLAG}".strip()
+  return True
