@@ -1,4 +1,4 @@
-"""Giving the host memory that XLA's compiler freed back to the operating system.
+"""Host memory: the compiler's freed heap back to the OS; XLA:CPU programs ordered for memory.
 
 XLA compiles on the host with the C heap. After a large program is compiled (the DDPM++ cont.
 train step: about 1.4 GB of heap on top of the 1 GB train state, docs/networks.md), glibc keeps
@@ -7,6 +7,10 @@ run, and every step's temporary buffers are allocated on top of it, so the peak 
 is that much higher too. ``malloc_trim(0)`` returns every free page of every arena. It changes no
 value and no buffer that is in use; it costs a few milliseconds, so it is called once after the
 compiles, not per step.
+
+:func:`use_memory_ordered_schedule_on_cpu` (run by ``import score_sde``) asks XLA:CPU to order
+each program's instructions for memory rather than for running independent ones side by side:
+fewer buffers alive at once, so smaller temporaries per call.
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ def use_memory_ordered_schedule_on_cpu() -> bool:
   XLA reads ``XLA_FLAGS`` once, when JAX makes its first backend, so this does nothing once a
   backend exists (import score_sde before running any JAX computation), nothing when ``XLA_FLAGS``
   already names the flag (either value: the user's choice wins), and nothing with the environment
-  variable ``SCORE_SDE_CPU_SCHEDULER=concurrency`` (:data:`SCHEDULER_ENV_VAR`). The flag only concerns the CPU backend.
+  variable ``SCORE_SDE_CPU_SCHEDULER=concurrency`` (:data:`SCHEDULER_ENV_VAR`). The flag only
+  concerns the CPU backend.
   """
   if os.environ.get(SCHEDULER_ENV_VAR, "").lower() == "concurrency":
     return False

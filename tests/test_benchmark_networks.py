@@ -23,14 +23,16 @@ def test_profiled_step_splits_time_by_program_part():
 
 def test_jitted_steps_time_the_trainers_multi_step_program():
   """jitted_steps=k times k updates per compiled call (as the Trainer's n_jitted_steps): steps
-  round up to whole calls, and the last update's loss equals that of the same updates one per call."""
+  round up to whole calls, and the last update's loss equals that of the same updates one per
+  call."""
   import pytest
   config = benchmark_accelerator.load_config(CONFIG, smoke=True)
   one = benchmark_networks.benchmark(CONFIG, batch=2, steps=2, warmup=0, dtype="float32",
                                      config=config)
   two = benchmark_networks.benchmark(CONFIG, batch=2, steps=1, warmup=0, dtype="float32",
                                      config=config, jitted_steps=2)
-  assert (one["jitted_steps"], one["steps"]) == (1, 2) and (two["jitted_steps"], two["steps"]) == (2, 2)
+  assert (one["jitted_steps"], one["steps"]) == (1, 2)
+  assert (two["jitted_steps"], two["steps"]) == (2, 2)
   assert two["loss_finite"] and two["images_per_s"] > 0
   assert math.isclose(two["final_loss"], one["final_loss"], rel_tol=1e-5), (one, two)
   with pytest.raises(ValueError, match="jitted_steps"):

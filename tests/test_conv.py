@@ -93,7 +93,8 @@ def test_kernel_gradient_with_padding_beyond_the_kernel_and_in_bfloat16():
 
 def test_kernel_gradient_products_are_row_major():
   """Each tap's product is [C_in, M] x [M, C_out] (lhs axis 1 contracted with rhs axis 0): the form
-  XLA:CPU hands to its YNNPACK GEMM (contracting both leading axes went to Eigen, 1.2-2.5x slower)."""
+  XLA:CPU hands to its YNNPACK GEMM (contracting both leading axes went to Eigen, 1.2-2.5x
+  slower)."""
   x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 6, 3))
   w = jax.random.normal(jax.random.PRNGKey(6), (3, 3, 3, 5))
   dn = ("NHWC", "HWIO", "NHWC")
