@@ -28,6 +28,18 @@ __all__ = ["release_freed_memory", "use_memory_ordered_schedule_on_cpu", "SCHEDU
 # 3.85 s on 2 cores: fewer fresh pages per call), docs/networks.md.
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 SCHEDULER_ENV_VAR = "SCORE_SDE_CPU_SCHEDULER"  # 'concurrency' keeps XLA's default
+# jaxlib releases whose XLA has the flag (checked: 0.7.0, 0.10.2). XLA aborts the process on an
+# unknown flag in XLA_FLAGS, so releases outside this range are left alone.
+SCHEDULER_JAXLIB_RANGE = ((0, 7), (0, 10))
+
+
+def _jaxlib_version() -> tuple[int, int]:
+  try:
+    import jaxlib.version
+    major, minor = jaxlib.version.__version__.split(".")[:2]
+    return int(major), int(minor)
+  except (ImportError, ValueError):
+    return (-1, -1)
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,9 +65,12 @@ def use_memory_ordered_schedule_on_cpu() -> bool:
   backend exists (import score_sde before running any JAX computation), nothing when ``XLA_FLAGS``
   already names the flag (either value: the user's choice wins), and nothing with the environment
   variable ``SCORE_SDE_CPU_SCHEDULER=concurrency`` (:data:`SCHEDULER_ENV_VAR`). The flag only
-  concerns the CPU backend.
+  concerns the CPU backend. Applied on the jaxlib releases of :data:`SCHEDULER_JAXLIB_RANGE` only.
   """
   if os.environ.get(SCHEDULER_ENV_VAR, "").lower() == "concurrency":
+    return False
+  low, high = SCHEDULER_JAXLIB_RANGE
+  if not low <= _jaxlib_version() <= high:
     return False
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:

@@ -105,3 +105,18 @@ def test_the_users_xla_flags_win():
           "print(repr(os.environ.get('XLA_FLAGS')), 0, 0)")
   flags, _, _ = _run(late)
   assert flags == "None"
+
+
+def test_scheduler_flag_only_on_jaxlib_releases_known_to_have_it(monkeypatch):
+  """XLA aborts on an unknown flag in XLA_FLAGS: outside the checked jaxlib range nothing is
+  added."""
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.delenv(host_memory.SCHEDULER_ENV_VAR, raising=False)
+  from jax._src import xla_bridge
+  monkeypatch.setattr(xla_bridge, "_backends", {})  # as before any backend exists
+  monkeypatch.setattr(host_memory, "_jaxlib_version", lambda: (0, 11))
+  assert host_memory.use_memory_ordered_schedule_on_cpu() is False
+  assert "XLA_FLAGS" not in os.environ
+  monkeypatch.setattr(host_memory, "_jaxlib_version", lambda: (0, 10))
+  assert host_memory.use_memory_ordered_schedule_on_cpu() is True
+  assert os.environ["XLA_FLAGS"] == host_memory.SCHEDULER_FLAG
