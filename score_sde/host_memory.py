@@ -73,13 +73,14 @@ def use_memory_ordered_schedule_on_cpu() -> bool:
   if not low <= _jaxlib_version() <= high:
     return False
   flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
+  if SCHEDULER_FLAG.split("=")[0] in flags:
     return False
   try:
     from jax._src import xla_bridge
-    if getattr(xla_bridge, "_backends", None):  # too late: the flags were read
-      return False
-  except ImportError:
-    pass
+    initialized = xla_bridge.backends_are_initialized
+  except (ImportError, AttributeError):  # cannot tell whether XLA has read its flags: leave them
+    return False
+  if initialized():  # too late: the flags were read
+    return False
   os.environ["XLA_FLAGS"] = f"{flags} {SCHEDULER_FLAG}".strip()
   return True

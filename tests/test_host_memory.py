@@ -113,7 +113,7 @@ def test_scheduler_flag_only_on_jaxlib_releases_known_to_have_it(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   monkeypatch.delenv(host_memory.SCHEDULER_ENV_VAR, raising=False)
   from jax._src import xla_bridge
-  monkeypatch.setattr(xla_bridge, "_backends", {})  # as before any backend exists
+  monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)  # as at start-up
   monkeypatch.setattr(host_memory, "_jaxlib_version", lambda: (0, 11))
   assert host_memory.use_memory_ordered_schedule_on_cpu() is False
   assert "XLA_FLAGS" not in os.environ
