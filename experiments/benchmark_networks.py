@@ -223,21 +223,24 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, dtype: str, seed: 
   for _ in range(calls(warmup)):
     state, metrics = compiled(state, x)
   jax.block_until_ready(state)
-  steps = calls(steps) * jitted_steps
+  timed_calls = calls(steps)
+  steps = timed_calls * jitted_steps
   t0 = time.perf_counter()
-  for _ in range(steps // jitted_steps):
+  for _ in range(timed_calls):
     state, metrics = compiled(state, x)
   jax.block_until_ready((state, metrics))
   run_s = time.perf_counter() - t0
   peak, source = peak_memory(device)
   profile = None
   if profile_steps:
+    profile_calls = calls(profile_steps)
+
     def run():
       nonlocal state, metrics
-      for _ in range(calls(profile_steps)):
+      for _ in range(profile_calls):
         state, metrics = compiled(state, x)
       jax.block_until_ready((state, metrics))
-    profile = profile_parts(compiled, run, calls(profile_steps) * jitted_steps)
+    profile = profile_parts(compiled, run, profile_calls * jitted_steps)
   record = {
       "config": name, "network": config.model.name, "params": n_params, "dtype": dtype,
       "remat": str(config.model.get("remat", None) or "none"),
