@@ -81,6 +81,54 @@ def test_fir_resampling_matches_separable_numpy_convolution():
                              x.reshape(2, 4, 2, 4, 2, 3).mean((2, 4)), atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel,padding", [
+    (3, "SAME"), (3, ((1, 1), (1, 1))), (3, ((0, 2), (2, 0))), (5, "SAME"), (1, "SAME"),
+    (4, "SAME"), (3, "VALID")])
+def test_naive_upsample_conv_equals_the_convolution_of_the_upsampled_image(kernel, padding):
+  """Values and both gradients, against upsampling first; VALID (output not 2H) falls back."""
+  rng = np.random.default_rng(kernel)
+  x = jnp.asarray(rng.normal(size=(2, 5, 6, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)), jnp.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+  ref = lambda x, w: jax.lax.conv_general_dilated(updown.naive_upsample_2d(x, 2), w, (1, 1),
+                                                  padding, dimension_numbers=dn)
+  ours = lambda x, w: updown.naive_upsample_conv(x, w, (1, 1), padding, dimension_numbers=dn)
+  y, y_ref = ours(x, w), ref(x, w)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  for g, g_ref in zip(jax.vjp(ours, x, w)[1](dy), jax.vjp(ref, x, w)[1](dy)):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+  # Fewer multiply-adds: a 3x3 kernel becomes four 2x2 convolutions of the input itself.
+  if kernel == 3 and padding == "SAME":
+    text = str(jax.make_jaxpr(ours)(x, w))
+    assert "conv_general_dilated" in text and "f32[2,10,12,3]" not in text, text
+
+
+def test_upsampling_blocks_keep_their_parameters_and_outputs():
+  """The layers that fold the upsampling into their convolution (``upsample=True``) have the
+  parameter tree of the conv-after-upsampling they replace and compute the same output."""
+  from score_sde.models import layers
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 6))
+
+  class Reference(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      up = updown.naive_upsample_2d(x, 2)
+      return layers.ddpm_conv3x3(up, 5) + layers.ddpm_conv1x1(up, 5)
+
+  class Folded(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return (layers.ddpm_conv3x3(x, 5, upsample=True)
+              + layers.ddpm_conv1x1(x, 5, upsample=True))
+
+  v = Reference().init(jax.random.PRNGKey(1), x)
+  v = jax.tree.map(lambda p: p + 0.1, v)  # non-zero biases too
+  assert jax.tree.structure(Folded().init(jax.random.PRNGKey(1), x)) == jax.tree.structure(v)
+  np.testing.assert_allclose(Folded().apply(v, x), Reference().apply(v, x), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_conv_resampling_matches_stylegan2_formulation():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)

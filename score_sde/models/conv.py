@@ -31,7 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 import flax.linen as nn
 
-__all__ = ["conv_general_dilated", "Conv", "CHECKPOINT_NAME"]
+__all__ = ["conv_general_dilated", "canonical_spec", "Conv", "CHECKPOINT_NAME"]
 
 # Every convolution output is tagged with this name for jax.checkpoint policies
 # (model.remat='elementwise' stores it: score_sde.models.remat).
@@ -40,7 +40,7 @@ CHECKPOINT_NAME = "conv"
 Pads = Tuple[Tuple[int, int], ...]
 
 
-def _canonical_spec(nd: int):
+def canonical_spec(nd: int):
   """lax dimension numbers of channel-last input/output and HWIO kernel in ``nd`` spatial dims."""
   lhs = (0, nd + 1) + tuple(range(1, nd + 1))
   rhs = (nd + 1, nd) + tuple(range(nd))
@@ -156,7 +156,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int],
   """
   nd = lhs.ndim - 2
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  covered = (jax.default_backend() == "cpu" and dn == _canonical_spec(nd)
+  covered = (jax.default_backend() == "cpu" and dn == canonical_spec(nd)
              and feature_group_count == 1 and batch_group_count == 1
              and all(int(v) == 1 for v in (lhs_dilation or (1,) * nd))
              and preferred_element_type is None and lhs.dtype == rhs.dtype)

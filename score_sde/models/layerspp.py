@@ -81,9 +81,10 @@ class Upsample(nn.Module):
   def __call__(self, x: Array) -> Array:
     out_ch = self.out_ch or x.shape[-1]
     if not self.fir:
-      h = updown.naive_upsample_2d(x, 2)
       if self.with_conv:
-        h = conv3x3(h, out_ch, dtype=self.dtype)
+        h = conv3x3(x, out_ch, dtype=self.dtype, upsample=True)
+      else:
+        h = updown.naive_upsample_2d(x, 2)
     elif not self.with_conv:
       h = updown.upsample_2d(x, self.fir_kernel, factor=2)
     else:
@@ -163,13 +164,11 @@ class ResnetBlockBigGANpp(nn.Module):
     c = x.shape[-1]
     out_ch = self.out_ch or c
     h = self.act(group_norm(x, self.dtype))
-    if self.up:
-      if self.fir:
-        h = updown.upsample_2d(h, self.fir_kernel, factor=2)
-        x = updown.upsample_2d(x, self.fir_kernel, factor=2)
-      else:
-        h = updown.naive_upsample_2d(h, factor=2)
-        x = updown.naive_upsample_2d(x, factor=2)
+    # Nearest-neighbour upsampling is folded into the two convolutions that follow it.
+    naive_up = self.up and not self.fir
+    if self.up and self.fir:
+      h = updown.upsample_2d(h, self.fir_kernel, factor=2)
+      x = updown.upsample_2d(x, self.fir_kernel, factor=2)
     elif self.down:
       if self.fir:
         h = updown.downsample_2d(h, self.fir_kernel, factor=2)
@@ -177,7 +176,7 @@ class ResnetBlockBigGANpp(nn.Module):
       else:
         h = updown.naive_downsample_2d(h, factor=2)
         x = updown.naive_downsample_2d(x, factor=2)
-    h = conv3x3(h, out_ch, dtype=self.dtype)
+    h = conv3x3(h, out_ch, dtype=self.dtype, upsample=naive_up)
     if temb is not None:
       h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=self.dtype)(
           self.act(temb))[:, None, None, :]
@@ -185,5 +184,5 @@ class ResnetBlockBigGANpp(nn.Module):
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = conv3x3(h, out_ch, init_scale=self.init_scale, dtype=self.dtype)
     if c != out_ch or self.up or self.down:
-      x = conv1x1(x, out_ch, dtype=self.dtype)
+      x = conv1x1(x, out_ch, dtype=self.dtype, upsample=naive_up)
     return _skip(x, h, self.skip_rescale)

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from score_sde.models import conv as conv_lib
 
@@ -114,6 +115,81 @@ def conv_downsample_2d(x: Array, w: Array, k: Optional[Sequence[float]] = None,
 def naive_upsample_2d(x: Array, factor: int = 2) -> Array:
   """Nearest-neighbour upsampling by pixel repetition."""
   return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def _phase_folds(k: int, lo: int) -> list[tuple[list[np.ndarray], tuple[int, int]]]:
+  """Per output phase p of a ``k``-tap correlation (low padding ``lo``) on a x2 nearest-upsampled
+  axis: ``(taps_p, pads_p)``, the kernel taps that land on each input pixel and the padding.
+
+  Upsampled pixel ``2i + p + a - lo`` is input pixel ``i + d``, ``d = floor((p + a - lo) / 2)``,
+  so output ``2i + p`` is a correlation of the input with the folded kernel
+  ``w_p[d - d_min] = sum_{a in taps_p[d - d_min]} w[a]``, padded by ``(-d_min, d_max)``.
+  """
+  folds = []
+  for p in range(2):
+    d = (p + np.arange(k) - lo) // 2
+    taps = [np.flatnonzero(d == offset) for offset in range(d.min(), d.max() + 1)]
+    folds.append((taps, (int(-d.min()), int(d.max()))))
+  return folds
+
+
+def naive_upsample_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                        padding: str | Sequence[tuple[int, int]],
+                        lhs_dilation: Optional[Sequence[int]] = None,
+                        rhs_dilation: Optional[Sequence[int]] = None,
+                        dimension_numbers: Any = None, feature_group_count: int = 1,
+                        batch_group_count: int = 1, precision: Any = None,
+                        preferred_element_type: Any = None) -> Array:
+  """``conv(naive_upsample_2d(lhs, 2), rhs)``, computed at the input's resolution.
+
+  A ``conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: ``lhs [N, H, W, C]`` is
+  the image *before* the x2 nearest-neighbour upsampling, the result ``[N, 2H, 2W, C_out]``
+  equals the convolution of the upsampled image (stride 1, padding that keeps the size 2H x 2W,
+  e.g. 'SAME'). Each of the four output phases ``(p, q)`` (``y[:, 2i + p, 2j + q]``) is a
+  convolution of ``lhs`` with the kernel folded onto the input pixels (:func:`_phase_folds`; a 3x3
+  kernel becomes four 2x2 ones: 16 / 36 of the multiply-adds), and a 1x1 kernel is applied before
+  the upsampling (1 / 4). Same values as upsampling first, to float round-off (the folded taps
+  are summed before they multiply). Other cases upsample and call the convolution.
+  """
+  nd = lhs.ndim - 2
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  conv = conv_lib.conv_general_dilated
+  kernel = rhs.shape[:nd]
+  ones = (1,) * nd
+  if isinstance(padding, str):
+    window = [(k - 1) * d + 1 for k, d in zip(kernel, rhs_dilation or ones)]
+    padding = lax.padtype_to_pads([2 * s for s in lhs.shape[1:-1]], window, window_strides, padding)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  simple = (nd == 2 and dn == conv_lib.canonical_spec(nd)
+            and feature_group_count == 1 and batch_group_count == 1
+            and all(int(v) == 1 for v in (*window_strides, *(lhs_dilation or ones),
+                                          *(rhs_dilation or ones)))
+            and all(lo + hi == k - 1 for (lo, hi), k in zip(pads, kernel)))
+  kw = dict(dimension_numbers=dimension_numbers, precision=precision,
+            preferred_element_type=preferred_element_type)
+  if not simple:
+    return conv(naive_upsample_2d(lhs, 2), rhs, window_strides, pads, lhs_dilation, rhs_dilation,
+                feature_group_count=feature_group_count, batch_group_count=batch_group_count, **kw)
+  if kernel == (1, 1):
+    return naive_upsample_2d(conv(lhs, rhs, (1, 1), ((0, 0), (0, 0)), **kw), 2)
+
+  def fold(k: Array, taps: list[np.ndarray], axis: int) -> Array:
+    # Sums of tap slices (a product with a 0 / 1 fold matrix runs on XLA:CPU as a skinny GEMM
+    # over a transposed copy of the kernel: slower than the convolutions it saves).
+    return jnp.stack([sum(lax.index_in_dim(k, a, axis, keepdims=False) for a in group)
+                      for group in taps], axis)
+
+  n, h, w = lhs.shape[:3]
+  rows = []
+  for fold_p, pad_p in _phase_folds(kernel[0], pads[0][0]):
+    w_p = fold(rhs.astype(jnp.float32), fold_p, 0)
+    cols = []
+    for fold_q, pad_q in _phase_folds(kernel[1], pads[1][0]):
+      w_pq = fold(w_p, fold_q, 1).astype(rhs.dtype)
+      cols.append(conv(lhs, w_pq, (1, 1), (pad_p, pad_q), **kw))
+    rows.append(jnp.stack(cols, axis=3))       # [N, H, W, 2 (q), C_out]
+  y = jnp.stack(rows, axis=2)                  # [N, H, 2 (p), W, 2 (q), C_out]
+  return y.reshape(n, 2 * h, 2 * w, y.shape[-1])
 
 
 def naive_downsample_2d(x: Array, factor: int = 2) -> Array:
