@@ -103,6 +103,8 @@ def test_naive_upsample_conv_equals_the_convolution_of_the_upsampled_image(kerne
   if kernel == 3 and padding == "SAME":
     text = str(jax.make_jaxpr(ours)(x, w))
     assert "conv_general_dilated" in text and "f32[2,10,12,3]" not in text, text
+  with pytest.raises(ValueError, match="NHWC"):
+    updown.naive_upsample_conv(x, w, (1, 1), padding)  # lax's default layout: NCHW / OIHW
 
 
 def test_upsampling_blocks_keep_their_parameters_and_outputs():

@@ -149,10 +149,15 @@ def naive_upsample_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
   convolution of ``lhs`` with the kernel folded onto the input pixels (:func:`_phase_folds`; a 3x3
   kernel becomes four 2x2 ones: 16 / 36 of the multiply-adds), and a 1x1 kernel is applied before
   the upsampling (1 / 4). Same values as upsampling first, to float round-off (the folded taps
-  are summed before they multiply). Other cases upsample and call the convolution.
+  are summed before they multiply). Other strides, dilations, groups or paddings upsample and call
+  the convolution; other layouts are an error.
   """
   nd = lhs.ndim - 2
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  if nd != 2 or dn != conv_lib.canonical_spec(nd):
+    raise ValueError("naive_upsample_conv takes NHWC images and HWIO kernels "
+                     f"(dimension_numbers=('NHWC', 'HWIO', 'NHWC')), got {dimension_numbers!r} "
+                     f"for an input of shape {lhs.shape}.")
   conv = conv_lib.conv_general_dilated
   kernel = rhs.shape[:nd]
   ones = (1,) * nd
@@ -160,8 +165,7 @@ def naive_upsample_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
     window = [(k - 1) * d + 1 for k, d in zip(kernel, rhs_dilation or ones)]
     padding = lax.padtype_to_pads([2 * s for s in lhs.shape[1:-1]], window, window_strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  simple = (nd == 2 and dn == conv_lib.canonical_spec(nd)
-            and feature_group_count == 1 and batch_group_count == 1
+  simple = (feature_group_count == 1 and batch_group_count == 1
             and all(int(v) == 1 for v in (*window_strides, *(lhs_dilation or ones),
                                           *(rhs_dilation or ones)))
             and all(lo + hi == k - 1 for (lo, hi), k in zip(pads, kernel)))
