@@ -31,7 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 import flax.linen as nn
 
-__all__ = ["conv_general_dilated", "canonical_spec", "Conv", "CHECKPOINT_NAME"]
+__all__ = ["conv_general_dilated", "canonical_spec", "explicit_pads", "Conv", "CHECKPOINT_NAME"]
 
 # Every convolution output is tagged with this name for jax.checkpoint policies
 # (model.remat='elementwise' stores it: score_sde.models.remat).
@@ -45,6 +45,16 @@ def canonical_spec(nd: int):
   lhs = (0, nd + 1) + tuple(range(1, nd + 1))
   rhs = (nd + 1, nd) + tuple(range(nd))
   return lax.ConvDimensionNumbers(lhs, rhs, lhs)
+
+
+def explicit_pads(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+                  dilation: Sequence[int], padding: Union[str, Sequence[Tuple[int, int]]]) -> Pads:
+  """``((lo, hi), ...)`` per spatial axis: a padding name ('SAME', 'VALID', ...) resolved for an
+  input of size ``spatial`` and a ``kernel`` dilated by ``dilation``, or explicit pads as ints."""
+  if isinstance(padding, str):
+    window = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+    padding = lax.padtype_to_pads(spatial, window, strides, padding)
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 def _channel_last(nd: int) -> Tuple[str, str, str]:
@@ -167,10 +177,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int],
         CHECKPOINT_NAME)
   strides = tuple(int(s) for s in window_strides)
   dilation = tuple(int(d) for d in (rhs_dilation or (1,) * nd))
-  if isinstance(padding, str):
-    window = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:nd], dilation)]
-    padding = lax.padtype_to_pads(lhs.shape[1:-1], window, strides, padding)
-  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  pads = explicit_pads(lhs.shape[1:-1], rhs.shape[:nd], strides, dilation, padding)
   return checkpoint_name(_conv(lhs, rhs, strides, pads, dilation, precision), CHECKPOINT_NAME)
 
 

@@ -161,10 +161,8 @@ def naive_upsample_conv(lhs: Array, rhs: Array, window_strides: Sequence[int],
   conv = conv_lib.conv_general_dilated
   kernel = rhs.shape[:nd]
   ones = (1,) * nd
-  if isinstance(padding, str):
-    window = [(k - 1) * d + 1 for k, d in zip(kernel, rhs_dilation or ones)]
-    padding = lax.padtype_to_pads([2 * s for s in lhs.shape[1:-1]], window, window_strides, padding)
-  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  pads = conv_lib.explicit_pads([2 * s for s in lhs.shape[1:-1]], kernel, window_strides,
+                                rhs_dilation or ones, padding)  # of the upsampled image
   simple = (feature_group_count == 1 and batch_group_count == 1
             and all(int(v) == 1 for v in (*window_strides, *(lhs_dilation or ones),
                                           *(rhs_dilation or ones)))
