@@ -15,8 +15,15 @@ two gradients. With ``--torch`` (PyTorch importable; not a dependency) it also t
 ``torch.nn.functional.conv2d`` and its ``autograd.grad`` on the same shapes in NCHW. Prints
 milliseconds per call and writes JSON.
 
+With ``--upsample`` each ``H`` is the size of an image that a x2 nearest-neighbour upsampling
+doubles before the convolution (the DDPM++ up blocks): it times the convolution of the upsampled
+copy (``score_sde.models.conv`` after ``naive_upsample_2d``, what the blocks ran before) against
+:func:`score_sde.models.up_or_down_sampling.naive_upsample_conv` (four 2x2 convolutions of the
+image itself) and records the largest differences of the outputs and gradients.
+
   python -m experiments.benchmark_conv_grad --out docs/results/conv_grad_cpu.json
   PYTHONPATH=/tmp/torchsite python -m experiments.benchmark_conv_grad --torch
+  python -m experiments.benchmark_conv_grad --upsample --shapes 16:256:256,8:256:256
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from jax import lax
 
 from experiments import common
 from score_sde.models import conv as conv_lib
+from score_sde.models import up_or_down_sampling as updown
 
 FLAGS = flags.FLAGS
 DN = ("NHWC", "HWIO", "NHWC")
@@ -47,6 +55,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("batch", 8, "Images per call.", **fv)
   flags.DEFINE_integer("repeats", 10, "Timed calls per measurement, after two untimed ones.", **fv)
   flags.DEFINE_bool("torch", False, "Also time PyTorch's conv2d and its gradients (NCHW).", **fv)
+  flags.DEFINE_bool("upsample", False, "H is the image before a x2 nearest-neighbour upsampling: "
+                    "time the convolution of the upsampled copy against naive_upsample_conv "
+                    "(not with --torch).", **fv)
   flags.DEFINE_string("out", None, "Write the results as JSON here.", **fv)
 
 
@@ -71,6 +82,7 @@ def _ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def _jax_times(conv, x, w, dy, repeats: int) -> tuple[dict, tuple]:
+  """Times and values (output, dx, dw) of ``conv(x, w, (1, 1), 'SAME', dimension_numbers=DN)``."""
   conv3 = lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=DN)
   fwd = jax.jit(conv3)
   dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv3(x, w), x)[1](dy)[0])
@@ -78,7 +90,12 @@ def _jax_times(conv, x, w, dy, repeats: int) -> tuple[dict, tuple]:
   times = {"fwd_ms": _ms(lambda: jax.block_until_ready(fwd(x, w)), repeats),
            "dx_ms": _ms(lambda: jax.block_until_ready(dx(x, w, dy)), repeats),
            "dw_ms": _ms(lambda: jax.block_until_ready(dw(x, w, dy)), repeats)}
-  return times, (dx(x, w, dy), dw(x, w, dy))
+  return times, (fwd(x, w), dx(x, w, dy), dw(x, w, dy))
+
+
+def _upsampled_first(x, w, *args, **kwargs):
+  """The convolution of the x2 nearest-upsampled image, as the up blocks computed it before."""
+  return conv_lib.conv_general_dilated(updown.naive_upsample_2d(x, 2), w, *args, **kwargs)
 
 
 def _torch_times(x, w, dy, repeats: int) -> dict:
@@ -100,25 +117,39 @@ def _torch_times(x, w, dy, repeats: int) -> dict:
 
 
 def benchmark(shapes: Sequence[tuple[int, int, int]], batch: int, repeats: int,
-              with_torch: bool = False) -> dict:
+              with_torch: bool = False, upsample: bool = False) -> dict:
   """Milliseconds per call of fwd / dx / dw per shape and implementation, and the largest
-  difference between our gradients and JAX's (relative to the largest gradient entry)."""
+  difference between our gradients and JAX's (relative to the largest gradient entry).
+
+  ``upsample``: ``h`` is the image before a x2 nearest-neighbour upsampling; the implementations
+  are the convolution of the upsampled copy ('upsampled_first') and
+  :func:`~score_sde.models.up_or_down_sampling.naive_upsample_conv` ('folded'), and the output's
+  difference is recorded as well."""
+  if with_torch and upsample:
+    raise ValueError("with_torch and upsample cannot be combined: PyTorch's side times the plain "
+                     "convolution.")
   results = {"backend": jax.default_backend(), "jax": jax.__version__, "batch": batch,
              "host_cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
-             "shapes": []}
+             "upsample": upsample, "shapes": []}
+  impls = ((("upsampled_first", _upsampled_first), ("folded", updown.naive_upsample_conv))
+           if upsample else (("lax", lax.conv_general_dilated),
+                             ("score_sde", conv_lib.conv_general_dilated)))
   rng = np.random.default_rng(0)
   for h, c_in, c_out in shapes:
+    h_out = 2 * h if upsample else h
     x = jnp.asarray(rng.standard_normal((batch, h, h, c_in)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out)) / np.sqrt(9 * c_in), jnp.float32)
-    dy = jnp.asarray(rng.standard_normal((batch, h, h, c_out)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((batch, h_out, h_out, c_out)), jnp.float32)
     row = {"h": h, "c_in": c_in, "c_out": c_out}
-    row["lax"], ref = _jax_times(lax.conv_general_dilated, x, w, dy, repeats)
-    row["score_sde"], ours = _jax_times(conv_lib.conv_general_dilated, x, w, dy, repeats)
-    for name, a, b in zip(("dx", "dw"), ours, ref):
-      row[f"{name}_rel_diff"] = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    (ref_name, ref_conv), (name, conv) = impls
+    row[ref_name], ref = _jax_times(ref_conv, x, w, dy, repeats)
+    row[name], ours = _jax_times(conv, x, w, dy, repeats)
+    for part, a, b in zip(("out", "dx", "dw"), ours, ref):
+      if upsample or part != "out":
+        row[f"{part}_rel_diff"] = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
     if with_torch:
       row["torch"] = _torch_times(x, w, dy, repeats)
-    sides = [s for s in ("lax", "score_sde", "torch") if s in row]
+    sides = [s for s in (ref_name, name, "torch") if s in row]
     common.log(f"{h:3d}x{h:<3d} {c_in:4d}->{c_out:<4d} " + "  ".join(
         f"{s}: fwd {row[s]['fwd_ms']:7.2f} dx {row[s]['dx_ms']:7.2f} dw {row[s]['dw_ms']:7.2f}"
         for s in sides) + " ms")
@@ -129,7 +160,11 @@ def benchmark(shapes: Sequence[tuple[int, int, int]], batch: int, repeats: int,
 def main(argv) -> None:
   common.no_arguments(argv)
   shapes = [parse_shape(s) for s in FLAGS.shapes]
-  common.write_result(FLAGS.out, benchmark(shapes, FLAGS.batch, FLAGS.repeats, FLAGS.torch))
+  if FLAGS.torch and FLAGS.upsample:
+    raise app.UsageError("--torch and --upsample cannot be combined: PyTorch's side times the "
+                         "plain convolution.")
+  common.write_result(FLAGS.out, benchmark(shapes, FLAGS.batch, FLAGS.repeats, FLAGS.torch,
+                                           FLAGS.upsample))
 
 
 if __name__ == "__main__":

@@ -127,3 +127,10 @@ def test_benchmark_conv_grad_times_and_checks_both_gradients():
   for side in ("lax", "score_sde"):
     assert all(row[side][k] > 0 for k in ("fwd_ms", "dx_ms", "dw_ms")), row
   assert row["dx_rel_diff"] < 1e-5 and row["dw_rel_diff"] < 1e-5, row
+  # --upsample: the convolution of the upsampled copy against the folded one, same values.
+  (row,) = bench.benchmark([(4, 3, 5)], batch=2, repeats=1, upsample=True)["shapes"]
+  for side in ("upsampled_first", "folded"):
+    assert all(row[side][k] > 0 for k in ("fwd_ms", "dx_ms", "dw_ms")), row
+  assert max(row[f"{p}_rel_diff"] for p in ("out", "dx", "dw")) < 1e-5, row
+  with pytest.raises(ValueError, match="cannot be combined"):
+    bench.benchmark([(4, 3, 5)], batch=2, repeats=1, with_torch=True, upsample=True)
